@@ -1,0 +1,23 @@
+"""kvpress_lite: compressed KV caches for Hugging Face transformers 5.x.
+
+Pass a cache to `model.generate(..., past_key_values=cache)`; see README.md for strategies and results.
+"""
+
+from . import baselines  # noqa: F401  (registers the reference caches)
+from .memory import cache_nbytes
+from .models import EMBEDDED_MODELS, load_model
+from .quant import QuantizedKVCache
+from .registry import STRATEGIES, build_cache, get_strategy, register
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EMBEDDED_MODELS",
+    "STRATEGIES",
+    "QuantizedKVCache",
+    "build_cache",
+    "cache_nbytes",
+    "get_strategy",
+    "load_model",
+    "register",
+]

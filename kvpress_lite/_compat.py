@@ -1,0 +1,124 @@
+"""Every touch of transformers internals lives here (supported: transformers >=5.17,<6).
+
+Known breaks across the supported range (see design.md section 3): 5.18 `DynamicLayer.reset` drops
+tensors, 5.19 per-layer kwargs from `get_layer_types_and_kwargs`, 5.20 positive `crop(n)` raises,
+5.23 `DummyLayer`. Code elsewhere imports layer classes and helpers from this module only.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+TRANSFORMERS_VERSION = Version(transformers.__version__)
+
+try:  # transformers >= 5.23
+    from transformers.cache_utils import DummyLayer
+except ImportError:  # pragma: no cover - older transformers
+    DummyLayer = None
+
+__all__ = [
+    "Cache",
+    "CacheLayerMixin",
+    "DynamicCache",
+    "DynamicLayer",
+    "DynamicSlidingWindowLayer",
+    "DummyLayer",
+    "TRANSFORMERS_VERSION",
+    "decoder_config",
+    "layer_specs",
+    "validate_attention_model",
+]
+
+# Layer types whose KV this library can hold: full attention is compressed, sliding/chunked layers keep
+# transformers' own window, dummy layers (KV-sharing consumers, moe/mlp) store nothing.
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "dummy")
+_NO_ATTENTION_TYPES = ("moe", "mlp")
+
+
+def decoder_config(config_or_model):
+    """Return the text-decoder config of a model or config (multimodal configs wrap one)."""
+    config = getattr(config_or_model, "config", config_or_model)
+    if not hasattr(config, "get_text_config"):
+        raise ValueError(
+            f"`config` must be a transformers PreTrainedConfig or PreTrainedModel, got {type(config_or_model).__name__}"
+        )
+    return config.get_text_config(decoder=True)
+
+
+def validate_attention_model(config, strategy: str) -> None:
+    """Raise a ValueError for models whose cache is not plain per-layer K/V (MLA latents, linear attention)."""
+    if getattr(config, "kv_lora_rank", None) is not None:
+        raise ValueError(
+            f"{strategy}: model_type={config.model_type!r} uses multi-head latent attention (MLA, `kv_lora_rank` in "
+            "its config); its cache holds a latent, not keys/values. Supported: models with standard multi-head or "
+            "grouped-query attention (e.g. Llama, Mistral, Qwen2/3, Gemma 2/3)."
+        )
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{strategy}: model_type={config.model_type!r} is an encoder-decoder model. Supported: decoder-only models."
+        )
+    layer_types, _ = layer_specs(config)
+    bad = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
+    if bad:
+        raise ValueError(
+            f"{strategy}: model_type={config.model_type!r} has layer types {bad} (linear attention / state-space "
+            f"layers). Supported `layer_types`: {list(SUPPORTED_LAYER_TYPES)}."
+        )
+
+
+def layer_specs(config) -> tuple[list[str], list[dict]]:
+    """Per-layer `(layer_type, kwargs)` as transformers would build a DynamicCache, on any 5.x version.
+
+    `kwargs` holds `sliding_window` for sliding/chunked layers.
+    """
+    config = decoder_config(config)
+    n_layers = config.num_hidden_layers
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+            layer_types = ["sliding_attention"] * n_layers
+        elif getattr(config, "attention_chunk_size", None) is not None:
+            layer_types = ["chunked_attention"] * n_layers
+        else:
+            layer_types = ["full_attention"] * n_layers
+    kv_sharing = getattr(config, "kv_sharing_modes", None)
+    if kv_sharing is not None:
+        layer_types = ["dummy" if mode == "reuse" else t for t, mode in zip(layer_types, kv_sharing)]
+    layer_types = ["dummy" if t in _NO_ATTENTION_TYPES else t for t in layer_types]
+    kwargs = []
+    for t in layer_types:
+        if t == "sliding_attention":
+            kwargs.append({"sliding_window": config.sliding_window})
+        elif t == "chunked_attention":
+            kwargs.append({"sliding_window": config.attention_chunk_size})
+        else:
+            kwargs.append({})
+    return list(layer_types), kwargs
+
+
+def passthrough_layer(layer_type: str, kwargs: dict):
+    """The layer transformers' DynamicCache would use for an uncompressed layer type."""
+    if layer_type == "dummy":
+        if DummyLayer is None:  # pragma: no cover - transformers < 5.23 has no dummy layers
+            return DynamicLayer()
+        return DummyLayer()
+    if layer_type in ("sliding_attention", "chunked_attention"):
+        return DynamicSlidingWindowLayer(**kwargs)
+    return DynamicLayer()
+
+
+def kv_geometry(config) -> tuple[int, int]:
+    """(num_key_value_heads, head_dim) of a decoder config."""
+    config = decoder_config(config)
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    return n_kv, head_dim
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    """Bytes per element of a torch dtype."""
+    return torch.empty((), dtype=dtype).element_size()

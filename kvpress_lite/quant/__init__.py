@@ -1,0 +1,6 @@
+"""Quantized KV caches (KIVI layout)."""
+
+from .cache import QuantizedKVCache
+from .layer import QuantizedKVLayer
+
+__all__ = ["QuantizedKVCache", "QuantizedKVLayer"]

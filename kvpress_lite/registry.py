@@ -1,0 +1,64 @@
+"""One registry of cache strategies (name -> factory), read by the CLI, the eval harness, recipes and tests."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+FAMILIES = ("baseline", "quantization", "eviction", "cross-layer")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A registered strategy: `factory(model, **params)` returns a fresh `transformers.Cache`."""
+
+    name: str
+    family: str
+    factory: Callable[..., Any]
+    summary: str
+    params: dict[str, Any] = field(default_factory=dict)  # accepted keyword params and their defaults
+
+    def build(self, model, **params):
+        """Build a cache for `model`; unknown params raise a ValueError naming the accepted ones."""
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            raise ValueError(
+                f"strategy {self.name!r} got unknown parameter(s) {unknown}; accepted: {sorted(self.params)}"
+            )
+        return self.factory(model, **params)
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def _keyword_params(factory) -> dict[str, Any]:
+    sig = inspect.signature(factory)
+    names = list(sig.parameters.values())[1:]  # first parameter is the model/config
+    return {p.name: (None if p.default is inspect.Parameter.empty else p.default) for p in names}
+
+
+def register(name: str, family: str, summary: str):
+    """Decorator registering a cache factory (a Cache class or function taking `(model, **params)`)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r} is not one of {list(FAMILIES)}")
+
+    def decorator(factory):
+        if name in STRATEGIES:
+            raise ValueError(f"strategy {name!r} is already registered")
+        STRATEGIES[name] = Strategy(name, family, factory, summary, _keyword_params(factory))
+        return factory
+
+    return decorator
+
+
+def get_strategy(name: str) -> Strategy:
+    """Look up a strategy by name; unknown names raise a ValueError listing the registered ones."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; registered strategies: {sorted(STRATEGIES)}")
+    return STRATEGIES[name]
+
+
+def build_cache(name: str, model, **params):
+    """Build the cache registered as `name` for `model` (a PreTrainedModel)."""
+    return get_strategy(name).build(model, **params)
