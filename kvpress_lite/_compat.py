@@ -122,3 +122,11 @@ def kv_geometry(config) -> tuple[int, int]:
 def dtype_bytes(dtype: torch.dtype) -> int:
     """Bytes per element of a torch dtype."""
     return torch.empty((), dtype=dtype).element_size()
+
+
+def cache_kwarg(model) -> str:
+    """Name of the forward/generate keyword that takes a Cache: `cache` (5.24+) or `past_key_values`."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

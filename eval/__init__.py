@@ -1,0 +1,1 @@
+"""kvpress_lite eval harness: perplexity through the cache, long-context tasks, recipes and reports."""
