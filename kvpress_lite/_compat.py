@@ -130,3 +130,64 @@ def cache_kwarg(model) -> str:
 
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+# --- Attention observation (kvpress_lite.eviction): SDPA and flash return no weights, so policies that rank tokens
+# by attention get the queries through a wrapper registered with transformers' AttentionInterface. ---
+
+OBSERVABLE_ATTENTION = ("sdpa", "eager")
+_OBSERVED_PREFIX = "kvpress_lite_observed_"
+
+
+def attention_implementation(model) -> str | None:
+    """The attention implementation a model's (text) config dispatches to, e.g. `"sdpa"`."""
+    return decoder_config(model)._attn_implementation
+
+
+def set_attention_implementation(model, name: str) -> None:
+    """Switch a PreTrainedModel (and its sub-models) to the registered attention implementation `name`."""
+    model.set_attn_implementation(name)
+
+
+def observed_base(name: str | None) -> str | None:
+    """The wrapped implementation of an observed attention name (`"sdpa"`/`"eager"`), or None for other names."""
+    if name and name.startswith(_OBSERVED_PREFIX):
+        return name[len(_OBSERVED_PREFIX) :]
+    return None
+
+
+def _eager_attention_for(module):
+    """The eager attention function of `module`'s modeling file (model-specific: softcap, sinks...)."""
+    import sys
+
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:  # pragma: no cover - every transformers decoder defines one; Llama's is the generic version
+        from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+    return fn
+
+
+def observed_attention(base: str, observer) -> str:
+    """Register (idempotently) an attention function that runs `base` and then calls
+    `observer(module, query, key, attention_mask, weights, kwargs)`; return its name for `set_attention_implementation`.
+
+    The observer sees the rotated queries `[B, H_q, q, D]`, the keys attention read `[B, H_kv, P, D]`, the mask
+    transformers built for `base` (4D or None) and `base`'s attention weights (eager) or None (sdpa). The output of
+    `base` is returned unchanged, so a model switched to it behaves exactly as with `base`.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if base not in OBSERVABLE_ATTENTION:
+        raise ValueError(f"attn_implementation={base!r} cannot be observed; accepted values: {list(OBSERVABLE_ATTENTION)}")
+    name = _OBSERVED_PREFIX + base
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        fn = ALL_ATTENTION_FUNCTIONS["sdpa"] if base == "sdpa" else _eager_attention_for(module)
+        output, weights = fn(module, query, key, value, attention_mask, **kwargs)
+        observer(module, query, key, attention_mask, weights, kwargs)
+        return output, weights
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name

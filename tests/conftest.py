@@ -15,6 +15,14 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def smollm2_fp32():
+    """(model, tokenizer) of the real SmolLM2-135M in fp32 (bf16 greedy decoding is at its own noise floor)."""
+    from kvpress_lite import load_model
+
+    return load_model("smollm2-135m", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
 def gemma3():
     """(model, tokenizer) of the real Gemma-3-270M (hybrid sliding/full attention), fp32, CPU, loaded once."""
     from kvpress_lite import load_model

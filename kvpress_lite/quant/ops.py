@@ -38,13 +38,20 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _minmax_quantize(x: torch.Tensor, dim: int, bits: int, param_dtype: torch.dtype):
-    """Quantize `x` with one (scale, zero) per slice along `dim`; returns uint8 codes, scale, zero."""
+    """Quantize `x` with one (scale, zero) per slice along `dim`; returns uint8 codes, scale, zero.
+
+    The stored zero is rounded down and the stored scale up (in `param_dtype`), so every value maps into
+    `[0, 2**bits - 1]` without clamping and the round-trip error stays within half a stored step.
+    """
     xf = x.float()
     lo = xf.amin(dim, keepdim=True)
     hi = xf.amax(dim, keepdim=True)
     qmax = (1 << bits) - 1
-    scale = ((hi - lo) / qmax).to(param_dtype)
     zero = lo.to(param_dtype)
+    zero = torch.where(zero.float() > lo, torch.nextafter(zero, torch.full_like(zero, -float("inf"))), zero)
+    span = hi - zero.float()
+    scale = (span / qmax).to(param_dtype)
+    scale = torch.where(scale.float() * qmax < span, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
     scale_f = scale.float()
     safe_scale = torch.where(scale_f > 0, scale_f, torch.ones_like(scale_f))
     codes = ((xf - zero.float()) / safe_scale).round_().clamp_(0, qmax).to(torch.uint8)
@@ -79,8 +86,8 @@ def dequantize_keys(codes, scale, zero, bits: int, group_size: int) -> torch.Ten
     """Inverse of `quantize_keys`: returns `[B, H, T, D]` in the dtype of `scale`."""
     b, h, t, _ = codes.shape
     q = unpack(codes, bits).view(b, h, t // group_size, group_size, -1)  # (B, H, nb, G, D)
-    out = q.to(scale.dtype) * scale.unsqueeze(3) + zero.unsqueeze(3)
-    return out.view(b, h, t, -1)
+    out = torch.addcmul(zero.unsqueeze(3).float(), q.float(), scale.unsqueeze(3).float())  # fp32: one rounding
+    return out.view(b, h, t, -1).to(scale.dtype)
 
 
 def quantize_values(values: torch.Tensor, bits: int, group_size: int):
@@ -100,5 +107,5 @@ def dequantize_values(codes, scale, zero, bits: int, group_size: int) -> torch.T
     """Inverse of `quantize_values`: returns `[B, H, T, D]` in the dtype of `scale`."""
     b, h, t, _ = codes.shape
     q = unpack(codes, bits).view(b, h, t, -1, group_size)  # (B, H, T, D/G, G)
-    out = q.to(scale.dtype) * scale.unsqueeze(4) + zero.unsqueeze(4)
-    return out.view(b, h, t, -1)
+    out = torch.addcmul(zero.unsqueeze(4).float(), q.float(), scale.unsqueeze(4).float())  # fp32: one rounding
+    return out.view(b, h, t, -1).to(scale.dtype)
