@@ -4,6 +4,7 @@ Pass a cache to `model.generate(..., past_key_values=cache)`; see README.md for 
 """
 
 from . import baselines  # noqa: F401  (registers the reference caches)
+from .eviction import EvictionCache, HeavyHitterCache
 from .memory import cache_nbytes
 from .models import EMBEDDED_MODELS, load_model
 from .quant import QuantizedKVCache
@@ -13,6 +14,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EMBEDDED_MODELS",
+    "EvictionCache",
+    "HeavyHitterCache",
     "STRATEGIES",
     "QuantizedKVCache",
     "build_cache",

@@ -1,0 +1,158 @@
+"""One full-attention layer's evicting KV storage: top-k and gather for every policy."""
+
+from __future__ import annotations
+
+import torch
+
+from .._compat import CacheLayerMixin
+from ..layer_state import BatchStateMixin
+from . import observe
+from .policy import EvictionBudget, EvictionPolicy, ScoreInputs
+
+
+class EvictionLayer(BatchStateMixin, CacheLayerMixin):
+    """Keeps at most `budget + slack` tokens per sequence and kv head, evicting the lowest-scored ones.
+
+    Storage: `keys`/`values` `[B, H_kv, P, D]` (P physical slots, each head keeps its own tokens), `positions`
+    `[B, H_kv, P]` int32 (logical index of each slot, increasing along P), `scores` `[B, H_kv, P]` fp32 (state of
+    attention-based policies, else None), `n_pad` `[B]` (left-pad tokens seen per row).
+
+    Contract with transformers' masks (design.md section 3): `get_seq_length()` is the logical length L,
+    `update` returns the P_prev + q stored keys and `get_mask_sizes(q)` is `(P_prev + q, L_prev - P_prev)`. Padding is
+    read from `attention_mask[:, kv_offset + j]`: pads are evicted first and kept slots stay in position order, so in
+    every row (and head) the kept pads are the first slots and the mask's first columns past `kv_offset` are pads in
+    the same number; kept keys stay at their original rotation.
+
+    Timing: a forward's new keys are appended in `update` (the full P_prev + q keys are the transient attention reads);
+    right after that layer's attention, `observe` updates scores and, when P exceeds `budget + slack`, gathers the
+    top `budget` slots into new compact tensors. A prompt longer than the budget is thus evicted during prefill.
+
+    Args:
+        policy: the `EvictionPolicy` ranking slots.
+        budget: an `EvictionBudget` (budget or ratio, sinks, recent, slack).
+        layer_idx: the model layer this cache layer serves (matched against the attention module).
+    """
+
+    is_sliding = False
+    is_croppable = False
+    is_compileable = False
+    state_names = ("keys", "values", "positions", "scores", "n_pad")
+
+    def __init__(self, policy: EvictionPolicy, budget: EvictionBudget, layer_idx: int = 0):
+        super().__init__()
+        self.policy, self.spec, self.layer_idx = policy, budget, layer_idx
+        self.budget = self.slack = None
+        self._clear()
+
+    def _clear(self) -> None:
+        self.keys = self.values = self.positions = self.scores = self.n_pad = None
+        self.length = 0
+        self._pending = False
+        self.is_initialized = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.keys = key_states.new_empty((B, H, 0, D))
+        self.values = value_states.new_empty((B, H, 0, value_states.shape[-1]))
+        self.positions = torch.empty((B, H, 0), dtype=torch.int32, device=self.device)
+        self.n_pad = torch.zeros(B, dtype=torch.long, device=self.device)
+        if self.policy.uses_attention:
+            self.scores = torch.empty((B, H, 0), dtype=torch.float32, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append `[B, H_kv, q, D]` states; return the `[B, H_kv, P_prev + q, D]` keys/values attention reads."""
+        if self._pending:
+            raise RuntimeError(
+                f"EvictionLayer {self.layer_idx}: the previous forward's attention was not observed, so pads and scores "
+                "are unknown: the cache was detached, the model's attn_implementation was changed after the cache was "
+                "built, or the cache runs with another model. Build the EvictionCache with the model that runs it."
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        B, H, q, _ = key_states.shape
+        if self.budget is None:
+            self.budget, self.slack = self.spec.resolve(self.length + q)
+        new_positions = torch.arange(self.length, self.length + q, dtype=torch.int32, device=self.device)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.positions = torch.cat([self.positions, new_positions.expand(B, H, q)], dim=-1)
+        if self.scores is not None:
+            self.scores = torch.cat([self.scores, self.scores.new_zeros(B, H, q)], dim=-1)
+        self.length += q
+        self._pending = True
+        observe.expect(self)
+        return self.keys, self.values
+
+    def observe(self, query, key, attention_mask=None, weights=None, scaling=None, softcap=None) -> None:
+        """After attention: learn new pads from the mask, update scores, evict if over budget.
+
+        Args:
+            query: `[B, H_q, q, D]` this forward's rotated queries.  key: `[B, H_kv, P, D]` the keys returned by `update`.
+            attention_mask: 4D mask attention used (bool or additive) or None.  weights: eager's `[B, H_q, q, P]` or None.
+        """
+        self._pending = False
+        q, P = query.shape[-2], self.keys.shape[-2]
+        is_real = observe.real_keys(attention_mask)  # [B, P] or None
+        query_real = None
+        if is_real is not None:
+            query_real = is_real[:, P - q :]
+            self.n_pad = self.n_pad + (~query_real).sum(dim=-1)
+        if self.policy.uses_attention:
+            mass = observe.attention_mass(
+                query, key, attention_mask, weights, scaling, softcap, self.policy.attention_window, query_real
+            )
+            self.scores = self.policy.score(ScoreInputs(self.keys, self.values, self.positions, mass, self.scores))
+        if P > self.budget + self.slack:
+            self.evict(self.budget)
+
+    def protected_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """`scores` with pads at -inf (evicted first) and sinks / recent tokens at +inf (never evicted)."""
+        rank = self.positions.long() - self.n_pad[:, None, None]  # index among the row's real tokens; < 0: pad
+        keep = (rank < self.spec.sinks) | (self.positions >= self.length - self.spec.recent)
+        return scores.float().masked_fill(keep, float("inf")).masked_fill(rank < 0, float("-inf"))
+
+    def evict(self, budget: int) -> None:
+        """Keep the `budget` best slots per row and head, in position order, in new compact tensors."""
+        scores = self.scores
+        if scores is None:
+            scores = self.policy.score(ScoreInputs(self.keys, self.values, self.positions))
+        keep = self.protected_scores(scores).topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values
+        index = keep.unsqueeze(-1)  # (B, Hkv, budget, 1); gather writes new storage, freeing the old buffers
+        self.keys = self.keys.gather(2, index.expand(-1, -1, -1, self.keys.shape[-1]))
+        self.values = self.values.gather(2, index.expand(-1, -1, -1, self.values.shape[-1]))
+        self.positions = self.positions.gather(2, keep)
+        if self.scores is not None:
+            self.scores = self.scores.gather(2, keep)
+
+    @property
+    def physical_length(self) -> int:
+        """Slots stored per row and head (P)."""
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def metadata_nbytes(self) -> int:
+        """Bytes of bookkeeping (positions, scores, pad counts) on top of keys and values."""
+        return sum(t.untyped_storage().nbytes() for t in (self.positions, self.scores, self.n_pad) if t is not None)
+
+    def get_seq_length(self) -> int:
+        """Logical length L: tokens seen, evicted ones included (queries' positions and masks depend on it)."""
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """`(P_prev + q, L_prev - P_prev)`: keys attention will read, and the mask column of the first one."""
+        P = self.physical_length
+        return P + query_length, self.length - P
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        """Drop all state; a ratio budget is resolved again on the next prompt."""
+        self._clear()
+        self.budget = self.slack = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Only `crop(0)` is possible: evicted tokens cannot be restored."""
+        if tokens_to_remove != 0 and self.is_initialized:
+            raise ValueError(f"crop({tokens_to_remove}) is not supported by an evicting cache (is_croppable=False)")

@@ -1,0 +1,151 @@
+"""Eviction policies rank cached tokens; `EvictionLayer` owns top-k, gather and the budget.
+
+A policy is a dataclass with one method, `score(inputs) -> [batch, kv_heads, seq]` (higher = keep), plus two class
+attributes saying what it needs to see. Registering it with `@register_policy("name", summary)` makes it available as
+`EvictionCache(model, policy="name")` and as strategy "name" (family "eviction") in `kvpress_lite.registry`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..registry import register
+
+POLICIES: dict[str, type["EvictionPolicy"]] = {}
+MAX_SLACK = 16  # upper bound of the default slack (tokens stored above the budget before a gather)
+
+
+@dataclass
+class ScoreInputs:
+    """What a policy may read when scoring one layer's `P` cached slots.
+
+    Args:
+        keys: `[batch, kv_heads, P, head_dim]` rotated keys (RoPE applied), as stored.
+        values: `[batch, kv_heads, P, head_dim]`.
+        positions: `[batch, kv_heads, P]` int, logical index of each slot's token (pads included; increasing along P).
+        attention: `[batch, kv_heads, P]` fp32, softmax probabilities summed over this forward's last
+            `attention_window` queries and over the query heads of each kv head; None when `uses_attention` is False.
+        previous: `[batch, kv_heads, P]` fp32, the scores this policy returned last time, 0 for slots added by this
+            forward; None when `uses_attention` is False.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    attention: torch.Tensor | None = None
+    previous: torch.Tensor | None = None
+
+
+@dataclass
+class EvictionPolicy:
+    """Base of all eviction policies: rank tokens, nothing else.
+
+    Capabilities (class attributes):
+        uses_attention: if True, `score` runs after every forward of the layer with `attention` and `previous` set,
+            and its result is kept as the layer's scores (state such as H2O's accumulated mass lives there). If False,
+            `score` runs only when the layer evicts, without attention.
+        attention_window: how many of the most recent queries of a forward `attention` sums over (None: all of them).
+    """
+
+    name: ClassVar[str] = ""
+    uses_attention: ClassVar[bool] = False
+    attention_window: ClassVar[int | None] = None
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        """Return `[batch, kv_heads, P]` scores; the layer keeps the highest-scored slots."""
+        raise NotImplementedError
+
+
+@dataclass
+class EvictionBudget:
+    """How many tokens an eviction layer keeps, shared by every policy.
+
+    Args:
+        budget: tokens kept per sequence and kv head (physical length after an eviction). Exclusive with `ratio`.
+        ratio: budget as a fraction in (0, 1] of the first forward's length (the prompt, pads included), rounded up.
+        sinks: first real (non-pad) tokens of each sequence never evicted (attention sinks, StreamingLLM).
+        recent: most recent tokens never evicted.
+        slack: tokens stored above the budget before the next gather (amortizes the gather; memory swings by at
+            most `slack` tokens). Default `min(16, budget // 32)`: under 3.2% of the budget.
+    """
+
+    budget: int | None = None
+    ratio: float | None = None
+    sinks: int = 4
+    recent: int = 16
+    slack: int | None = None
+
+    def __post_init__(self):
+        for name in ("sinks", "recent"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}={value!r} must be an integer >= 0")
+        if self.slack is not None and (not isinstance(self.slack, int) or isinstance(self.slack, bool) or self.slack < 0):
+            raise ValueError(f"slack={self.slack!r} must be None (automatic) or an integer >= 0")
+        if (self.budget is None) == (self.ratio is None):
+            raise ValueError(
+                f"pass exactly one of budget= (tokens kept) or ratio= (fraction of the prompt kept); got "
+                f"budget={self.budget!r}, ratio={self.ratio!r}"
+            )
+        protected = self.sinks + self.recent
+        if self.budget is not None:
+            if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < max(protected, 1):
+                raise ValueError(
+                    f"budget={self.budget!r} must be an integer >= max(1, sinks + recent) = {max(protected, 1)} "
+                    f"(sinks={self.sinks}, recent={self.recent} tokens are never evicted)"
+                )
+        elif isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio <= 1:
+            raise ValueError(f"ratio={self.ratio!r} must be a number in (0, 1] (fraction of the prompt kept)")
+
+    def resolve(self, prompt_length: int) -> tuple[int, int]:
+        """`(budget, slack)` in tokens; a ratio is applied to `prompt_length` and floored at max(1, sinks + recent)."""
+        budget = self.budget
+        if budget is None:
+            budget = max(math.ceil(self.ratio * prompt_length), self.sinks + self.recent, 1)
+        slack = min(MAX_SLACK, budget // 32) if self.slack is None else self.slack
+        return budget, slack
+
+
+def make_policy(name: str, **params) -> EvictionPolicy:
+    """Instantiate the policy registered as `name`; unknown names or parameters raise a ValueError listing accepted ones."""
+    if name not in POLICIES:
+        raise ValueError(f"policy={name!r} is unknown; accepted values: {sorted(POLICIES)}")
+    cls = POLICIES[name]
+    accepted = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(f"policy {name!r} got unknown parameter(s) {unknown}; accepted: {accepted}")
+    return cls(**params)
+
+
+def register_policy(name: str, summary: str):
+    """Class decorator: add a policy to `POLICIES` and register strategy `name` (family "eviction") building
+    `EvictionCache(model, policy=name, **params)`; its params are `EvictionBudget`'s fields plus the policy's."""
+
+    def decorator(cls):
+        cls.name = name
+        POLICIES[name] = cls
+
+        def factory(model, **params):
+            from .cache import EvictionCache
+
+            return EvictionCache(model, policy=name, **params)
+
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        fields = [f for f in (*dataclasses.fields(EvictionBudget), *dataclasses.fields(cls)) if f.init]
+        factory.__signature__ = inspect.Signature(
+            [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+            + [inspect.Parameter(f.name, keyword, default=f.default) for f in fields]
+        )
+        factory.__name__ = factory.__qualname__ = f"{name}_cache"
+        factory.__doc__ = f"`EvictionCache(model, policy={name!r}, **params)`: {summary}."
+        register(name, "eviction", summary)(factory)
+        return cls
+
+    return decorator
