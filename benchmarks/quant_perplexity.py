@@ -1,0 +1,50 @@
+"""Perplexity through the cache and resident KV bytes for the quantized caches vs transformers' QuantizedCache.
+
+SmolLM2-135M, pydoc text, prefix 512 tokens prefilled, next 1536 tokens fed one at a time
+(chunk_size 1), so every scored token reads the compressed cache. Same numbers as
+`python -m eval recipes/quantization.yaml`; this script is the standalone version.
+
+    python benchmarks/quant_perplexity.py --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from eval.perplexity import perplexity_through_cache
+from eval.text_sources import pydoc_text
+from kvpress_lite import build_cache, load_model
+
+SWEEP = [
+    ("dynamic", "dynamic", {}),
+    ("kvpress_lite int8", "quantized", {"bits": 8}),
+    ("kvpress_lite int4", "quantized", {"bits": 4}),
+    ("kvpress_lite int2", "quantized", {"bits": 2}),
+    ("transformers QuantizedCache quanto int4", "hf-quantized", {"backend": "quanto", "bits": 4}),
+    ("transformers QuantizedCache quanto int2", "hf-quantized", {"backend": "quanto", "bits": 2}),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--prefix", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=1536)
+    parser.add_argument("--chunk-size", type=int, default=1)
+    args = parser.parse_args()
+    model, tok = load_model("smollm2-135m", dtype=getattr(torch, args.dtype))
+    ids = tok(pydoc_text()[:60000], return_tensors="pt").input_ids[:, : args.prefix + args.eval_tokens]
+    print(f"SmolLM2-135M {args.dtype}, prefix {args.prefix}, {ids.shape[1] - args.prefix} tokens, chunk {args.chunk_size}")
+    print("| cache | KV bytes | ratio vs dynamic | perplexity | change | decode tok/s |")
+    base = None
+    for label, name, params in SWEEP:
+        r = perplexity_through_cache(model, ids, build_cache(name, model, **params), args.prefix, args.chunk_size)
+        base = base or r
+        print(f"| {label} | {r['kv_bytes']:,} | {base['kv_bytes'] / r['kv_bytes']:.2f}x | {r['perplexity']:.4f} | "
+              f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.2f}% | {r['decode_tokens_per_s']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
