@@ -32,9 +32,9 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of `pack`: bytes `[..., P]` -> uint8 codes `[..., P * 8 // bits]`."""
     if bits == 8:
         return packed
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (..., P, per_byte)
-    return codes.flatten(-2)
+    mask = (1 << bits) - 1
+    parts = [packed & mask] + [(packed >> shift) & mask for shift in range(bits, 8, bits)]
+    return torch.stack(parts, dim=-1).flatten(-2)  # (..., P, per_byte) -> (..., P * per_byte)
 
 
 def _minmax_quantize(x: torch.Tensor, dim: int, bits: int, param_dtype: torch.dtype):
