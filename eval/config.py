@@ -32,6 +32,7 @@ class PerplexityConfig:
     windows: int = 1  # consecutive text windows of prefix + eval tokens; sharded over processes
     model: str | None = None  # default: the recipe's model
     dtype: str | None = None
+    caches: list | None = None  # this part's sweep (same schema as the recipe's); default: the recipe's
 
     def validate(self, key: str):
         for name in ("prefix_length", "eval_length", "chunk_size", "windows"):
@@ -51,6 +52,7 @@ class TaskSpec:
     haystack: str | None = None  # noise | pydoc | local file | datasets:...; default: the task's own
     model: str | None = None
     dtype: str | None = None
+    caches: list | None = None  # this task's sweep (same schema as the recipe's); default: the recipe's
     params: Any = None  # the task's Params dataclass (task-specific keys sit flat in the YAML)
 
     def validate(self, key: str):
@@ -170,41 +172,44 @@ def _task(key: str, data: dict) -> TaskSpec:
     return spec
 
 
-def _caches(items) -> list[CacheSpec]:
-    """Expand `sweep: {param: [values]}` entries, add the dynamic baseline, check strategies against the registry."""
+def _caches(items, key: str = "caches") -> list[CacheSpec]:
+    """Expand `sweep: {name: [values]}` entries (params, or `strategy` itself), add the dynamic baseline, check
+    strategies and their parameter names against the registry. Swept labels: `<label or strategy>-<name><value>`."""
     from kvpress_lite.registry import get_strategy
 
     if not isinstance(items, list):
-        raise ValueError(f"caches must be a list of {{strategy, label, params, sweep}} mappings, got {items!r}")
+        raise ValueError(f"{key} must be a list of {{strategy, label, params, sweep}} mappings, got {items!r}")
     specs = []
     for i, item in enumerate(items):
-        key = f"caches[{i}]"
+        at = f"{key}[{i}]"
         item = dict(item) if isinstance(item, dict) else item
         sweep = item.pop("sweep", {}) if isinstance(item, dict) else {}
-        spec = build(CacheSpec, item, key)
-        try:
-            strategy = get_strategy(spec.strategy)
-        except ValueError as err:
-            raise ValueError(f"{key}.strategy: {err}") from None
+        spec = build(CacheSpec, item, at)
         if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
-            raise ValueError(f"{key}.sweep={sweep!r} must map parameter names to non-empty lists")
+            raise ValueError(f"{at}.sweep={sweep!r} must map parameter names (or `strategy`) to non-empty lists")
         for combo in itertools.product(*sweep.values()):
             extra = dict(zip(sweep, combo))
+            name = extra.pop("strategy", spec.strategy)
+            try:
+                strategy = get_strategy(name)
+            except ValueError as err:
+                raise ValueError(f"{at}.{'sweep.' if 'strategy' in sweep else ''}strategy: {err}") from None
             params = {**spec.params, **extra}
             unknown = sorted(set(params) - set(strategy.params))
             if unknown:
-                raise ValueError(f"{key}.params: unknown parameter(s) {unknown} for strategy {spec.strategy!r}; "
+                raise ValueError(f"{at}.params: unknown parameter(s) {unknown} for strategy {name!r}; "
                                  f"accepted: {sorted(strategy.params)}")
-            label = "-".join([spec.label or spec.strategy] + [f"{k}{v}" for k, v in extra.items()])
-            specs.append(CacheSpec(spec.strategy, label, params))
+            base = f"{spec.label}-{name}" if spec.label and "strategy" in sweep else spec.label or name
+            label = "-".join([base] + [f"{k}{v}" for k, v in extra.items()])
+            if not _LABEL.match(label):
+                raise ValueError(f"{at}.label={label!r} must match {_LABEL.pattern} (it names a folder)")
+            specs.append(CacheSpec(name, label, params))
     if not any(s.is_baseline for s in specs):
         specs.insert(0, CacheSpec("dynamic", "dynamic", {}))  # ratios are measured against it
     labels = [s.label for s in specs]
-    for i, label in enumerate(labels):
-        if not _LABEL.match(label):
-            raise ValueError(f"caches[{i}].label={label!r} must match {_LABEL.pattern} (it names a folder)")
+    for label in labels:
         if labels.count(label) > 1:
-            raise ValueError(f"caches: label {label!r} is used twice; labels must be unique")
+            raise ValueError(f"{key}: label {label!r} is used twice; labels must be unique")
     return sorted(specs, key=lambda s: not s.is_baseline)  # baseline first: the others' ratios read it
 
 
@@ -231,6 +236,9 @@ def recipe_from_dict(data: dict, name: str = "") -> Recipe:
         if part is not None and part.dtype is not None and part.dtype not in DTYPES:
             raise ValueError(f"{key}.dtype={part.dtype!r} is not supported; accepted values: {list(DTYPES)}")
     recipe.caches = _caches(caches if caches is not None else [{"strategy": "dynamic"}])
+    for key, part in [("perplexity", recipe.perplexity)] + [(f"tasks.{k}", t) for k, t in recipe.tasks.items()]:
+        if part is not None and part.caches is not None:
+            part.caches = _caches(part.caches, f"{key}.caches")
     if recipe.perplexity is None and not recipe.tasks:
         raise ValueError("a recipe needs `perplexity` or at least one entry under `tasks`")
     return recipe

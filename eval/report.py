@@ -105,13 +105,18 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
         metric = "perplexity" if cell.startswith("ppl-") else "score"
         fig, ax = plt.subplots(figsize=(6, 4))
         for strategy in dict.fromkeys(r["strategy"] for r in group):
-            points = sorted((r["kv_ratio_vs_dynamic"], r[metric]) for r in group if r["strategy"] == strategy and r[metric] is not None)
+            points = sorted((r["kv_ratio_vs_dynamic"], r[metric], r["label"]) for r in group
+                            if r["strategy"] == strategy and r[metric] is not None)
             if not points:
                 continue
+            x, y, labels = zip(*points)
             if strategy == "dynamic":
-                ax.scatter(*zip(*points), marker="*", s=200, color="black", zorder=3, label="dynamic (baseline)")
+                ax.scatter(x, y, marker="*", s=200, color="black", zorder=3, label="dynamic (baseline)")
+                ax.axhline(y[0], color="black", lw=0.8, ls="--", alpha=0.5)
             else:
-                ax.plot(*zip(*points), marker="o", label=strategy)
+                ax.plot(x, y, marker="o", label=strategy)
+                for xi, yi, label in points:
+                    ax.annotate(label, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set(xlabel="KV bytes / DynamicCache bytes (measured)", ylabel=metric, title=f"{model} — {cell}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

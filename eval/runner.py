@@ -6,6 +6,7 @@ same samples, takes its `split_between_processes` share, records are gathered, a
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import time
@@ -38,6 +39,7 @@ def _preflight(runs: list[Run], model) -> None:
             build_cache(spec.strategy, model, **spec.params)
         except (ValueError, TypeError) as err:
             raise ValueError(f"caches[{spec.label}] ({spec.strategy}, params={spec.params}): {err}") from None
+    gc.collect()  # caches that hook the model (eviction) let go of it when collected
 
 
 @torch.no_grad()
@@ -95,6 +97,7 @@ def execute(run: Run, model, tokenizer, state, output_dir: Path, device: str) ->
         with open(folder / "predictions.jsonl", "w") as handle:
             handle.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
         _write_json(folder / "metrics.json", metrics)
+    gc.collect()  # release this run's caches (and any model hooks they hold) before the next run
     state.wait_for_everyone()
 
 
@@ -108,9 +111,16 @@ def process_state(recipe: Recipe):
 def run_recipe(recipe: Recipe, output_dir: str | Path | None = None) -> dict:
     """Run every unfinished run of `recipe`; returns `{"runs", "done", "skipped"}` folder lists (runs in plan order)."""
     state = process_state(recipe)
+    threads = torch.get_num_threads()
     if recipe.num_threads is not None:
         torch.set_num_threads(recipe.num_threads)
-    output_dir = Path(output_dir or recipe.output_dir)
+    try:
+        return _run_all(recipe, state, Path(output_dir or recipe.output_dir))
+    finally:
+        torch.set_num_threads(threads)  # leave the caller's process as it was
+
+
+def _run_all(recipe: Recipe, state, output_dir: Path) -> dict:
     runs = plan(recipe)
     finished = {r.path(output_dir): (r.path(output_dir) / "metrics.json").exists() for r in runs}
     pending = [r for r in runs if not finished[r.path(output_dir)]]

@@ -48,6 +48,7 @@ class Run:
         """Everything that determines this run's result (written to config.yaml, hashed into the folder name)."""
         r = self.recipe
         part = dataclasses.asdict(self.part)
+        part.pop("caches")  # the rest of the sweep does not change this run
         part.update(model=self.model, dtype=self.dtype)
         if self.kind == "task":
             part.pop("lengths")
@@ -75,17 +76,22 @@ class Run:
 
     def baseline(self) -> "Run":
         """The DynamicCache run of the same cell (ratios and perplexity deltas are measured against it)."""
-        spec = next(c for c in self.recipe.caches if c.is_baseline)
+        spec = next(c for c in caches_of(self.recipe, self.part) if c.is_baseline)
         return dataclasses.replace(self, cache=spec)
+
+
+def caches_of(recipe: Recipe, part) -> list[CacheSpec]:
+    """The sweep of one part: its own `caches`, else the recipe's."""
+    return part.caches if part.caches is not None else recipe.caches
 
 
 def plan(recipe: Recipe) -> list[Run]:
     """Every run of a recipe, grouped by (model, dtype) so each model loads once, baseline first in each cell."""
     cells = []
     if recipe.perplexity is not None:
-        cells.append(("perplexity", "perplexity", None))
+        cells.append(("perplexity", "perplexity", None, recipe.perplexity))
     for key, spec in recipe.tasks.items():
-        cells += [("task", key, length) for length in spec.lengths]
-    runs = [Run(recipe, kind, key, length, cache) for kind, key, length in cells for cache in recipe.caches]
+        cells += [("task", key, length, spec) for length in spec.lengths]
+    runs = [Run(recipe, kind, key, length, cache) for kind, key, length, part in cells for cache in caches_of(recipe, part)]
     order = list(dict.fromkeys((r.model, r.dtype) for r in runs))
     return sorted(runs, key=lambda r: order.index((r.model, r.dtype)))  # stable: cell order and baseline-first kept

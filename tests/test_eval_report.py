@@ -1,0 +1,57 @@
+"""Reports regenerate from run folders: markdown tables, PNG plots, a datasets Dataset with its card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from eval import report
+from eval.config import load_recipe
+from eval.runner import run_recipe
+
+SMOKE = Path(__file__).resolve().parent.parent / "recipes" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    run_recipe(load_recipe(SMOKE), out)
+    return out
+
+
+def test_report_cli_writes_tables_plots_and_dataset(runs_dir, capsys):
+    report.main([str(runs_dir)])
+    folder = runs_dir / "smoke" / "report"
+    assert f"wrote {folder / 'report.md'}" in capsys.readouterr().out
+    text = (folder / "report.md").read_text()
+    assert "| cache | strategy | KV bytes | vs dynamic | ppl | Δppl |" in text and "passkey-320" in text
+    assert "| int4 |" in text and "| dynamic |" in text
+    pngs = sorted((folder / "plots").glob("*.png"))
+    assert [p.name for p in pngs] == ["tiny-llama_passkey-320_score.png", "tiny-llama_ppl-192+64_perplexity.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000 for p in pngs)
+
+    from datasets import load_from_disk
+
+    data = load_from_disk(str(folder / "dataset"))
+    assert data.num_rows == 4 and {"label", "strategy", "score", "perplexity", "kv_ratio_vs_dynamic"} <= set(data.column_names)
+    metrics = {json.loads((runs_dir / r["run_dir"] / "metrics.json").read_text())["config_hash"]: r for r in data}
+    assert all(r["config_hash"] == h for h, r in metrics.items())
+    card = (folder / "dataset" / "README.md").read_text()
+    assert card.startswith("---\npretty_name:") and "## Versions" in card and "transformers:" in card
+    assert "## Hardware" in card and "model: tiny-llama" in card  # the resolved recipe
+
+
+def test_summary_numbers_come_from_metrics(runs_dir):
+    rows = report.collect(runs_dir)
+    int4 = next(r for r in rows if r["cell"] == "ppl-192+64" and r["label"] == "int4")
+    line = next(line for line in report.summary_table(rows).splitlines() if line.startswith("| int4 |"))
+    assert f"{int4['kv_ratio_vs_dynamic']:.3f}" in line and f"{int4['perplexity']:.3f}" in line
+    assert f"{int4['perplexity_delta_vs_dynamic']:+.3f}" in line
+
+
+def test_collect_keeps_the_newest_run_of_a_cell(runs_dir):
+    run_recipe(load_recipe(SMOKE, ["tasks.passkey.samples=2"]), runs_dir)  # same cells and labels, new hashes
+    rows = [r for r in report.collect(runs_dir) if r["cell"] == "passkey-320"]
+    assert len(rows) == 2 and {r["n"] for r in rows} == {2}

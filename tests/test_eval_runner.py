@@ -1,0 +1,85 @@
+"""End to end on the tiny random model: run folders, metrics, resume, and determinism of reruns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from eval.config import load_recipe
+from eval.runner import run_recipe
+
+SMOKE = Path(__file__).resolve().parent.parent / "recipes" / "smoke.yaml"
+TIMING = ("prefill_tokens_per_s", "decode_tokens_per_s", "wall_time_s", "peak_memory", "hardware", "versions")
+
+
+def metrics_by_run(root: Path) -> dict:
+    return {str(f.parent.relative_to(root)): json.loads(f.read_text()) for f in sorted(root.rglob("metrics.json"))}
+
+
+def without_timings(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    recipe = load_recipe(SMOKE)
+    return recipe, out, run_recipe(recipe, out)
+
+
+def test_run_folders_hold_config_predictions_metrics(smoke_run):
+    recipe, out, result = smoke_run
+    assert len(result["done"]) == 4 and result["skipped"] == []
+    for folder in result["runs"]:
+        assert folder.parent.parent.parent == out / "smoke"  # <out>/<recipe>/<model>/<cell>/<label>-<hash>
+        config, metrics = yaml.safe_load((folder / "config.yaml").read_text()), json.loads((folder / "metrics.json").read_text())
+        lines = (folder / "predictions.jsonl").read_text().splitlines()
+        assert folder.name == f"{config['cache']['label']}-{metrics['config_hash']}"
+        assert len(lines) == (2 if config["kind"] == "perplexity" else 4)
+        assert {"torch", "transformers", "kvpress_lite", "git_sha"} <= set(metrics["versions"])
+        assert metrics["hardware"]["cpu"] and metrics["seed"] == 0 and metrics["wall_time_s"] > 0
+        assert metrics["peak_memory"]["kind"].startswith("cpu_rss_growth")
+        assert metrics["prefill_tokens_per_s"] > 0 and metrics["decode_tokens_per_s"] > 0
+        assert metrics["kv_bytes"] > 0
+
+
+def test_ratios_are_measured_against_the_dynamic_run(smoke_run):
+    _, out, _ = smoke_run
+    runs = metrics_by_run(out)
+    for cell in ("ppl-192+64", "passkey-320"):
+        dynamic = next(m for k, m in runs.items() if f"/{cell}/dynamic-" in k)
+        int4 = next(m for k, m in runs.items() if f"/{cell}/int4-" in k)
+        assert dynamic["kv_ratio_vs_dynamic"] == 1.0
+        assert int4["kv_ratio_vs_dynamic"] == pytest.approx(int4["kv_bytes"] / dynamic["kv_bytes"])
+        assert int4["kv_ratio_vs_dynamic"] < 0.8 and int4["cache_tokens"] == dynamic["cache_tokens"]
+    ppl = next(m for k, m in runs.items() if "/ppl-192+64/int4-" in k)
+    dyn = next(m for k, m in runs.items() if "/ppl-192+64/dynamic-" in k)
+    assert ppl["perplexity_delta_vs_dynamic"] == pytest.approx(ppl["perplexity"] - dyn["perplexity"])
+    task = next(m for k, m in runs.items() if "/passkey-320/int4-" in k)
+    assert 0.0 <= task["score"] <= 1.0 and set(task["score_by_depth"]) == {"0.25", "0.75"}
+
+
+def test_resume_skips_finished_runs(smoke_run):
+    recipe, out, first = smoke_run
+    stamps = {p: (p / "metrics.json").stat().st_mtime_ns for p in first["runs"]}
+    again = run_recipe(recipe, out)
+    assert again["done"] == [] and sorted(again["skipped"]) == sorted(first["runs"])
+    assert stamps == {p: (p / "metrics.json").stat().st_mtime_ns for p in first["runs"]}
+    changed = run_recipe(load_recipe(SMOKE, ["tasks.passkey.samples=2", "perplexity=null"]), out)
+    assert len(changed["done"]) == 2 and changed["skipped"] == []  # a new config hash: new folders
+
+
+def test_rerun_gives_identical_metrics(smoke_run, tmp_path):
+    recipe, out, first = smoke_run
+    run_recipe(recipe, tmp_path)
+    a, b = metrics_by_run(out / "smoke"), metrics_by_run(tmp_path / "smoke")
+    a = {k: v for k, v in a.items() if k in b}  # the resume test may have added runs
+    assert a.keys() == b.keys() and len(b) == 4
+    assert without_timings(list(a.values())) == without_timings(list(b.values()))
+    for key in b:
+        pa = [json.loads(line) for line in (out / "smoke" / key / "predictions.jsonl").read_text().splitlines()]
+        pb = [json.loads(line) for line in (tmp_path / "smoke" / key / "predictions.jsonl").read_text().splitlines()]
+        assert without_timings(pa) == without_timings(pb)
