@@ -79,8 +79,8 @@ def main() -> None:
           f"{args.budget} (slack {cache.layers[0].slack}); generate took {seconds:.0f} s")
     print(f"DynamicCache measured: {short / 2**20:.2f} MiB at L={args.prompt}, {long / 2**20:.2f} MiB at "
           f"L={args.prompt + args.new} -> {per_token:.0f} B/token (linearity error {linear_error:.1e})")
-    print(f"{'step':>5} {'L':>5} {'P':>4} {'cache MiB':>10} {'meta KiB':>9} {'Dynamic MiB':>12} {'b/L*Dyn+meta MiB':>17} "
-          f"{'cache/(b/L*Dyn+meta)':>21}")
+    print(f"{'step':>5} {'L':>5} {'P':>4} {'cache MiB':>10} {'meta KiB':>9} {'Dynamic MiB':>12} "
+          f"{'b/L*Dyn+meta MiB':>17} {'cache/(b/L*Dyn+meta)':>21}")
     for step, (L, P, nbytes, meta) in enumerate(recorder.rows, 1):
         if step == 1 or step % args.every == 0 or step == len(recorder.rows):
             share = args.budget / L * dyn(L) + meta

@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.5, help="H2O budget as a fraction of the prompt")
     parser.add_argument("--steps", type=int, default=20, help="timed decode steps per repeat")
     parser.add_argument("--warmup", type=int, default=3, help="untimed decode steps before timing")
-    parser.add_argument("--repeats", type=int, default=3, help="fresh prefills of both caches, each followed by the paired timed steps")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh prefills of both caches + paired timed steps")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = parser.parse_args()

@@ -92,7 +92,7 @@ def test_policy_keeps_exactly_its_top_scored_tokens(policy):
 
 @pytest.mark.parametrize("policy", ["h2o", "tova", "snapkv"])
 def test_attention_scores_match_reference_with_padding_gqa_and_eager_weights(policy):
-    """Pad queries contribute nothing, pads get no mass; eager's returned weights give the same scores as sdpa's recompute."""
+    """Pad queries contribute nothing and pads get no mass; eager's returned weights score like sdpa's recompute."""
     torch.manual_seed(1)
     keys, values, query = torch.randn(B, H_KV, T, D), torch.randn(B, H_KV, T, D), torch.randn(B, H_Q, T, D)
     params = POLICY_PARAMS.get(policy, {})
@@ -476,7 +476,8 @@ def test_smollm2_memory_is_flat_and_scales_with_budget(smollm2):
     recorder = _RecordBytes(cache)
     with torch.no_grad(), cache:
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                       do_sample=False, stopping_criteria=StoppingCriteriaList([recorder]), **{cache_kwarg(model): cache})
+                       do_sample=False, stopping_criteria=StoppingCriteriaList([recorder]),
+                       **{cache_kwarg(model): cache})
         L, P, nbytes = recorder.rows[-1]
         assert L == 300 + new - 1  # the last sampled token is never fed back
         slack = cache.layers[0].slack

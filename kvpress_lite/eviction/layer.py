@@ -65,9 +65,10 @@ class EvictionLayer(BatchStateMixin, CacheLayerMixin):
         """Append `[B, H_kv, q, D]` states; return the `[B, H_kv, P_prev + q, D]` keys/values attention reads."""
         if self._pending:
             raise RuntimeError(
-                f"EvictionLayer {self.layer_idx}: the previous forward's attention was not observed, so pads and scores "
-                "are unknown: the cache was detached, the model's attn_implementation was changed after the cache was "
-                "built, or the cache runs with another model. Build the EvictionCache with the model that runs it."
+                f"EvictionLayer {self.layer_idx}: the previous forward's attention was not observed, so pads and "
+                "scores are unknown: the cache was detached, the model's attn_implementation was changed after the "
+                "cache was built, or the cache runs with another model. Build the EvictionCache with the model that "
+                "runs it."
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -89,8 +90,10 @@ class EvictionLayer(BatchStateMixin, CacheLayerMixin):
         """After attention: learn new pads from the mask, update scores, evict if over budget.
 
         Args:
-            query: `[B, H_q, q, D]` this forward's rotated queries.  key: `[B, H_kv, P, D]` the keys returned by `update`.
-            attention_mask: 4D mask attention used (bool or additive) or None.  weights: eager's `[B, H_q, q, P]` or None.
+            query: `[B, H_q, q, D]` this forward's rotated queries.
+            key: `[B, H_kv, P, D]` the keys `update` returned (what attention read).
+            attention_mask: the 4D mask attention used (bool or additive) or None.
+            weights: eager attention's probabilities `[B, H_q, q, P]`, or None (sdpa).
         """
         self._pending = False
         q, P = query.shape[-2], self.keys.shape[-2]

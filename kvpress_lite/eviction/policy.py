@@ -86,7 +86,8 @@ class EvictionBudget:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name}={value!r} must be an integer >= 0")
-        if self.slack is not None and (not isinstance(self.slack, int) or isinstance(self.slack, bool) or self.slack < 0):
+        slack = self.slack
+        if slack is not None and (not isinstance(slack, int) or isinstance(slack, bool) or slack < 0):
             raise ValueError(f"slack={self.slack!r} must be None (automatic) or an integer >= 0")
         if (self.budget is None) == (self.ratio is None):
             raise ValueError(
@@ -113,7 +114,8 @@ class EvictionBudget:
 
 
 def make_policy(name: str, **params) -> EvictionPolicy:
-    """Instantiate the policy registered as `name`; unknown names or parameters raise a ValueError listing accepted ones."""
+    """Instantiate the policy registered as `name`; unknown names or parameters raise a ValueError listing the
+    accepted ones."""
     if name not in POLICIES:
         raise ValueError(f"policy={name!r} is unknown; accepted values: {sorted(POLICIES)}")
     cls = POLICIES[name]
