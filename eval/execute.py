@@ -102,9 +102,10 @@ def aggregate(run: Run, records: list[dict]) -> dict:
         nll = sum(r["nll"] * r["eval_tokens"] for r in records) / tokens
         metrics.update(perplexity=math.exp(nll), nll=nll, eval_tokens=tokens, score=None)
     else:
-        from .scoring import exact_match
+        from .scoring import SCORER, exact_match
 
         metrics["score"] = exact_match([r["extracted"] for r in records], [r["answer"] for r in records])["exact_match"]
+        metrics["scorer"] = SCORER
         by_depth = {}
         for r in records:
             by_depth.setdefault(str(r["depth"]), []).append(r["correct"])

@@ -147,7 +147,7 @@ def dataset_card(rows: list[dict], recipe_dir: Path) -> str:
 
 def write_report(root: str | Path, push_to_hub: str | None = None, run_dirs=None) -> list[Path]:
     """Write `report/` (report.md, plots, dataset) in every recipe folder found below `root`; returns report.md paths."""
-    from datasets import Dataset
+    import importlib.util
 
     rows, written = collect(root, run_dirs), []
     for recipe_dir in dict.fromkeys(r["recipe_dir"] for r in rows):
@@ -157,6 +157,12 @@ def write_report(root: str | Path, push_to_hub: str | None = None, run_dirs=None
         text = (f"# {group[0]['recipe']}\n\n## Summary\n\n{summary_table(group)}\n## All runs\n\n{detail_table(group)}\n\n"
                 + "".join(f"![{p.stem}](plots/{p.name})\n" for p in pngs))
         (out / "report.md").write_text(text)
+        written.append(out / "report.md")
+        if importlib.util.find_spec("datasets") is None:  # a declared dependency, but bare images may lack it
+            print("[eval.report] `datasets` is not installed: skipped the results dataset")
+            continue
+        from datasets import Dataset
+
         dataset = Dataset.from_list([{k: v for k, v in r.items() if k != "recipe_dir"} for r in group])
         dataset.save_to_disk(str(out / "dataset"))
         card = dataset_card(group, Path(recipe_dir))
@@ -166,7 +172,6 @@ def write_report(root: str | Path, push_to_hub: str | None = None, run_dirs=None
 
             dataset.push_to_hub(push_to_hub)
             DatasetCard(card).push_to_hub(push_to_hub, repo_type="dataset")
-        written.append(out / "report.md")
     return written
 
 

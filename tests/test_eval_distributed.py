@@ -38,7 +38,7 @@ def test_two_processes_match_one(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _results(one), _results(two)
-    assert a.keys() == b.keys() and len(a) == 4
+    assert a.keys() == b.keys() and len(a) == 6
     for key in a:
         assert a[key][0] == b[key][0], key
         assert a[key][1] == b[key][1], key

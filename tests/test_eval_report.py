@@ -35,7 +35,7 @@ def test_report_cli_writes_tables_plots_and_dataset(runs_dir, capsys):
     from datasets import load_from_disk
 
     data = load_from_disk(str(folder / "dataset"))
-    assert data.num_rows == 4 and {"label", "strategy", "score", "perplexity", "kv_ratio_vs_dynamic"} <= set(data.column_names)
+    assert data.num_rows == 6 and {"label", "strategy", "score", "perplexity", "kv_ratio_vs_dynamic"} <= set(data.column_names)
     metrics = {json.loads((runs_dir / r["run_dir"] / "metrics.json").read_text())["config_hash"]: r for r in data}
     assert all(r["config_hash"] == h for h, r in metrics.items())
     card = (folder / "dataset" / "README.md").read_text()
@@ -54,4 +54,4 @@ def test_summary_numbers_come_from_metrics(runs_dir):
 def test_collect_keeps_the_newest_run_of_a_cell(runs_dir):
     run_recipe(load_recipe(SMOKE, ["tasks.passkey.samples=2"]), runs_dir)  # same cells and labels, new hashes
     rows = [r for r in report.collect(runs_dir) if r["cell"] == "passkey-320"]
-    assert len(rows) == 2 and {r["n"] for r in rows} == {2}
+    assert len(rows) == 3 and {r["n"] for r in rows} == {2}

@@ -32,7 +32,7 @@ def smoke_run(tmp_path_factory):
 
 def test_run_folders_hold_config_predictions_metrics(smoke_run):
     recipe, out, result = smoke_run
-    assert len(result["done"]) == 4 and result["skipped"] == []
+    assert len(result["done"]) == 6 and result["skipped"] == []
     for folder in result["runs"]:
         assert folder.parent.parent.parent == out / "smoke"  # <out>/<recipe>/<model>/<cell>/<label>-<hash>
         config, metrics = yaml.safe_load((folder / "config.yaml").read_text()), json.loads((folder / "metrics.json").read_text())
@@ -69,7 +69,7 @@ def test_resume_skips_finished_runs(smoke_run):
     assert again["done"] == [] and sorted(again["skipped"]) == sorted(first["runs"])
     assert stamps == {p: (p / "metrics.json").stat().st_mtime_ns for p in first["runs"]}
     changed = run_recipe(load_recipe(SMOKE, ["tasks.passkey.samples=2", "perplexity=null"]), out)
-    assert len(changed["done"]) == 2 and changed["skipped"] == []  # a new config hash: new folders
+    assert len(changed["done"]) == 3 and changed["skipped"] == []  # a new config hash: new folders
 
 
 def test_rerun_gives_identical_metrics(smoke_run, tmp_path):
@@ -77,7 +77,7 @@ def test_rerun_gives_identical_metrics(smoke_run, tmp_path):
     run_recipe(recipe, tmp_path)
     a, b = metrics_by_run(out / "smoke"), metrics_by_run(tmp_path / "smoke")
     a = {k: v for k, v in a.items() if k in b}  # the resume test may have added runs
-    assert a.keys() == b.keys() and len(b) == 4
+    assert a.keys() == b.keys() and len(b) == 6
     assert without_timings(list(a.values())) == without_timings(list(b.values()))
     for key in b:
         pa = [json.loads(line) for line in (out / "smoke" / key / "predictions.jsonl").read_text().splitlines()]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from eval.scoring import METRIC_PATH, exact_match
+from eval.scoring import METRIC_PATH, SCORER, _plain, exact_match
 
 
 def test_exact_match_values_and_normalisation():
@@ -26,3 +26,9 @@ def test_loads_offline_as_a_local_evaluate_module(monkeypatch):
     metric = evaluate.load(str(METRIC_PATH))
     assert metric.name == "exact_match"
     assert metric.compute(predictions=["a", "b"], references=["a", "c"]) == {"exact_match": 0.5}
+
+
+def test_plain_python_fallback_agrees_with_the_evaluate_module():
+    assert SCORER.startswith("evaluate:")  # evaluate is installed here: the module is what runs
+    predictions, references = ["12345", " 7 ", "Abc", "x"], ["12345", "8", "abc", "y"]
+    assert _plain(predictions, references) == exact_match(predictions, references) == {"exact_match": 0.5}
