@@ -83,3 +83,16 @@ def test_rerun_gives_identical_metrics(smoke_run, tmp_path):
         pa = [json.loads(line) for line in (out / "smoke" / key / "predictions.jsonl").read_text().splitlines()]
         pb = [json.loads(line) for line in (tmp_path / "smoke" / key / "predictions.jsonl").read_text().splitlines()]
         assert without_timings(pa) == without_timings(pb)
+
+
+def test_left_padded_batches_generate_like_batch_one(smoke_run, tmp_path):
+    _, _, first = smoke_run
+    single = run_recipe(load_recipe(SMOKE, ["tasks.passkey.batch_size=1", "perplexity=null"]), tmp_path)
+    for folder in single["runs"]:
+        label = folder.name.rsplit("-", 1)[0]
+        batched = next(p for p in first["runs"] if p.name.rsplit("-", 1)[0] == label and "passkey" in str(p))
+        one = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+        two = [json.loads(line) for line in (batched / "predictions.jsonl").read_text().splitlines()]
+        assert {r["batch_rows"] for r in two} == {2}
+        assert len({r["prompt_tokens"] for r in two}) > 1  # rows of different lengths: left padding happened
+        assert [r["generation"] for r in one] == [r["generation"] for r in two], folder.name
