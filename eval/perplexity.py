@@ -16,6 +16,11 @@ from kvpress_lite._compat import cache_kwarg
 from kvpress_lite.memory import cache_nbytes
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def perplexity_through_cache(model, input_ids: torch.Tensor, cache, prefix_length: int, chunk_size: int = 1) -> dict:
     """Perplexity of `input_ids[:, prefix_length:]` given the prefix, fed through `cache`.
@@ -41,8 +46,10 @@ def perplexity_through_cache(model, input_ids: torch.Tensor, cache, prefix_lengt
     input_ids = input_ids.to(device)
     key = cache_kwarg(model)
 
+    _sync(device)
     start = time.perf_counter()
     out = model(input_ids[:, :prefix_length], use_cache=True, **{key: cache})
+    _sync(device)  # CUDA runs asynchronously: time the work, not the launch
     prefill_s = time.perf_counter() - start
     last_logits = out.logits[:, -1:]  # predicts token `prefix_length`
     nll_sum, count = 0.0, 0
@@ -55,6 +62,7 @@ def perplexity_through_cache(model, input_ids: torch.Tensor, cache, prefix_lengt
         nll_sum += torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk.flatten(), reduction="sum").item()
         count += chunk.numel()
         last_logits = out.logits[:, -1:]
+    _sync(device)
     decode_s = time.perf_counter() - start
     nll = nll_sum / count
     return {

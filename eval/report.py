@@ -180,7 +180,10 @@ def main(argv=None) -> None:
     parser.add_argument("runs_dir", help="output folder of `python -m eval` (or one recipe inside it)")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also push each results dataset to this hub repo")
     args = parser.parse_args(argv)
-    for path in write_report(args.runs_dir, args.push_to_hub):
+    written = write_report(args.runs_dir, args.push_to_hub)
+    if not written:
+        raise SystemExit(f"[eval.report] no finished runs (metrics.json) under {args.runs_dir}")
+    for path in written:
         print(f"[eval.report] wrote {path}")
 
 
