@@ -152,6 +152,8 @@ def build(cls, data: dict, key: str, skip: tuple = ()):
 def _task(key: str, data: dict) -> TaskSpec:
     from .tasks import get_task
 
+    if not _LABEL.match(key):
+        raise ValueError(f"tasks.{key}: a task key must match {_LABEL.pattern} (it names a folder)")
     data = dict(data or {})
     common = {f.name for f in dataclasses.fields(TaskSpec)} - {"params"}
     params = {k: data.pop(k) for k in list(data) if k not in common}

@@ -42,8 +42,12 @@ def collect(root: str | Path, run_dirs=None) -> list[dict]:
         }
         row.update({k: metrics.get(k) for k in FIELDS})
         rows.append(row)
-    newest = {(r["recipe_dir"], r["model"], r["dtype"], r["cell"], r["label"]): r for r in rows}  # later mtime wins
-    return sorted(newest.values(), key=lambda r: r["run_dir"]) if run_dirs is None else rows
+    if run_dirs is not None:
+        return rows
+    newest = {}  # rows come in execution (mtime) order; a later run of the same cell and label replaces in place
+    for r in rows:
+        newest[(r["recipe_dir"], r["model"], r["dtype"], r["cell"], r["label"])] = r
+    return list(newest.values())
 
 
 def _fmt(value, spec: str = ".3g") -> str:
@@ -51,27 +55,30 @@ def _fmt(value, spec: str = ".3g") -> str:
 
 
 def summary_table(rows: list[dict]) -> str:
-    """Markdown: one line per cache (recipe order), KV bytes/ratio/speed from the perplexity cell (else the first
-    task cell), perplexity and its change vs dynamic, one score column per task cell. One table per model/dtype."""
+    """Markdown: one line per cache (recipe order), one table per model/dtype. KV bytes and ratio from the perplexity
+    cell (else the first task cell), tokens/s from the first task cell (`generate`; else perplexity), perplexity and
+    its change vs dynamic, one score column per task cell."""
     out = []
     for model, dtype in dict.fromkeys((r["model"], r["dtype"]) for r in rows):
         group = [r for r in rows if (r["model"], r["dtype"]) == (model, dtype)]
         cells = list(dict.fromkeys(r["cell"] for r in sorted(group, key=lambda r: r["kind"] != "perplexity")))
         main, tasks = cells[0], [c for c in cells if not c.startswith("ppl-")]
+        speed = tasks[0] if tasks else main  # prefer `generate` throughput over chunked perplexity feeding
         labels = list(dict.fromkeys(r["label"] for r in sorted(group, key=lambda r: r["strategy"] != "dynamic")))
         by = {(r["cell"], r["label"]): r for r in group}
         hw = group[0]
         out.append(f"**{model}** ({dtype}, {hw['device']}: {hw['hardware_gpu'] if hw['hardware_gpu'] != 'None' else hw['hardware_cpu']}); "
-                   f"KV bytes, ratio and tokens/s measured on `{main}`\n")
+                   f"KV bytes and ratio measured on `{main}`, tokens/s on `{speed}`\n")
         head = ["cache", "strategy", "KV bytes", "vs dynamic", "ppl", "Δppl", "prefill tok/s", "decode tok/s"] + tasks
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for label in labels:
-            r, ppl = by.get((main, label), {}), next((by[c, label] for c in cells if c.startswith("ppl-") and (c, label) in by), {})
+            r, fast = by.get((main, label), {}), by.get((speed, label), {})
+            ppl = next((by[c, label] for c in cells if c.startswith("ppl-") and (c, label) in by), {})
             delta = ppl.get("perplexity_delta_vs_dynamic")
             line = [label, f"{r.get('strategy', '?')} {r.get('params', '')}", _fmt(r.get("kv_bytes"), ",.0f"),
                     _fmt(r.get("kv_ratio_vs_dynamic"), ".3f"), _fmt(ppl.get("perplexity"), ".3f"),
-                    "–" if delta is None else f"{delta:+.3f}", _fmt(r.get("prefill_tokens_per_s"), ".0f"),
-                    _fmt(r.get("decode_tokens_per_s"), ".1f")]
+                    "–" if delta is None else f"{delta:+.3f}", _fmt(fast.get("prefill_tokens_per_s"), ".0f"),
+                    _fmt(fast.get("decode_tokens_per_s"), ".1f")]
             line += [_fmt(by.get((c, label), {}).get("score"), ".2f") for c in tasks]
             out.append("| " + " | ".join(line) + " |")
         out.append("")

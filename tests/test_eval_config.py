@@ -75,6 +75,7 @@ def test_dynamic_added_sweep_expanded_and_task_alias():
     ({"tasks": {"passkey": {"lengths": [256], "depths": [0.5, 1.5]}}}, "tasks.passkey.depths[1]"),
     ({"tasks": {"passkey": {"lengths": [256], "digits": 0}}}, "tasks.passkey"),
     ({"tasks": {"passky": {"lengths": [256]}}}, "tasks.passky.task"),
+    ({"tasks": {"pass/key": {"task": "passkey"}}}, "tasks.pass/key"),
     ({"caches": [{"strategy": "h2o2"}]}, "caches[0].strategy"),
     ({"caches": [{"sweep": {"strategy": ["h2o", "nope"]}}]}, "caches[0].sweep.strategy"),
     ({"caches": [{"strategy": "quantized", "params": {"bitz": 4}}]}, "caches[0].params"),
