@@ -33,7 +33,9 @@ def perplexity_through_cache(model, input_ids: torch.Tensor, cache, prefix_lengt
         chunk_size: tokens per forward after the prefix (1 = token by token, the strictest).
     Returns:
         dict with `perplexity`, `nll` (mean per token), `eval_tokens`, `kv_bytes` (after the last chunk),
-        `prefill_tokens_per_s`, `decode_tokens_per_s`.
+        `kv_bytes_mean` and `kv_bytes_max` (over the states after each chunk: caches whose size oscillates, e.g.
+        a residual window that fills and flushes, compare fairly by these), `prefill_tokens_per_s`,
+        `decode_tokens_per_s` (forwards only; the byte counting is not timed).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -52,24 +54,27 @@ def perplexity_through_cache(model, input_ids: torch.Tensor, cache, prefix_lengt
     _sync(device)  # CUDA runs asynchronously: time the work, not the launch
     prefill_s = time.perf_counter() - start
     last_logits = out.logits[:, -1:]  # predicts token `prefix_length`
-    nll_sum, count = 0.0, 0
-    start = time.perf_counter()
+    nll_sum, count, decode_s, sizes = 0.0, 0, 0.0, []
     for begin in range(prefix_length, seq, chunk_size):
         end = min(begin + chunk_size, seq)
         chunk = input_ids[:, begin:end]
+        start = time.perf_counter()
         out = model(chunk, use_cache=True, **{key: cache})
+        _sync(device)
+        decode_s += time.perf_counter() - start
+        sizes.append(cache_nbytes(cache))
         logits = torch.cat([last_logits, out.logits[:, :-1]], dim=1).float()  # predict chunk tokens
         nll_sum += torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk.flatten(), reduction="sum").item()
         count += chunk.numel()
         last_logits = out.logits[:, -1:]
-    _sync(device)
-    decode_s = time.perf_counter() - start
     nll = nll_sum / count
     return {
         "perplexity": math.exp(nll),
         "nll": nll,
         "eval_tokens": count,
-        "kv_bytes": cache_nbytes(cache),
+        "kv_bytes": sizes[-1],
+        "kv_bytes_mean": sum(sizes) / len(sizes),
+        "kv_bytes_max": max(sizes),
         "prefill_tokens_per_s": input_ids.shape[0] * prefix_length / prefill_s,
         "decode_tokens_per_s": count / decode_s,
     }

@@ -86,8 +86,8 @@ def dequantize_keys(codes, scale, zero, bits: int, group_size: int) -> torch.Ten
     """Inverse of `quantize_keys`: returns `[B, H, T, D]` in the dtype of `scale`."""
     b, h, t, _ = codes.shape
     q = unpack(codes, bits).view(b, h, t // group_size, group_size, -1)  # (B, H, nb, G, D)
-    out = torch.addcmul(zero.unsqueeze(3).float(), q.float(), scale.unsqueeze(3).float())  # fp32: one rounding
-    return out.view(b, h, t, -1).to(scale.dtype)
+    # addcmul computes in fp32 and rounds once, with no fp32 transient (codes are exact in bf16/fp16)
+    return torch.addcmul(zero.unsqueeze(3), q.to(scale.dtype), scale.unsqueeze(3)).view(b, h, t, -1)
 
 
 def quantize_values(values: torch.Tensor, bits: int, group_size: int):
@@ -107,5 +107,4 @@ def dequantize_values(codes, scale, zero, bits: int, group_size: int) -> torch.T
     """Inverse of `quantize_values`: returns `[B, H, T, D]` in the dtype of `scale`."""
     b, h, t, _ = codes.shape
     q = unpack(codes, bits).view(b, h, t, -1, group_size)  # (B, H, T, D/G, G)
-    out = torch.addcmul(zero.unsqueeze(4).float(), q.float(), scale.unsqueeze(4).float())  # fp32: one rounding
-    return out.view(b, h, t, -1).to(scale.dtype)
+    return torch.addcmul(zero.unsqueeze(4), q.to(scale.dtype), scale.unsqueeze(4)).view(b, h, t, -1)
