@@ -7,12 +7,7 @@ tensors, 5.19 per-layer kwargs from `get_layer_types_and_kwargs`, 5.20 positive 
 
 from __future__ import annotations
 
-import torch
-import transformers
-from packaging.version import Version
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
-
-TRANSFORMERS_VERSION = Version(transformers.__version__)
 
 try:  # transformers >= 5.23
     from transformers.cache_utils import DummyLayer
@@ -26,7 +21,6 @@ __all__ = [
     "DynamicLayer",
     "DynamicSlidingWindowLayer",
     "DummyLayer",
-    "TRANSFORMERS_VERSION",
     "decoder_config",
     "layer_specs",
     "validate_attention_model",
@@ -117,11 +111,6 @@ def kv_geometry(config) -> tuple[int, int]:
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     return n_kv, head_dim
-
-
-def dtype_bytes(dtype: torch.dtype) -> int:
-    """Bytes per element of a torch dtype."""
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def cache_kwarg(model) -> str:
