@@ -3,6 +3,9 @@
 A prefix is prefilled into the cache, then the evaluated tokens are fed through the cache in chunks
 of `chunk_size` tokens, so every evaluated token attends to the compressed history. A single
 full-sequence forward would never read the cache and would measure nothing.
+
+The first evaluated token is always fed alone, as `generate`'s first decoding step: caches that size
+themselves on the prompt (an eviction `ratio=`) see the prefix as the prompt, whatever `chunk_size`.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ def perplexity_through_cache(model, input_ids: torch.Tensor, cache, prefix_lengt
         input_ids: `[batch, seq]` token ids (no padding).
         cache: a fresh `transformers.Cache`; it is filled by this call.
         prefix_length: tokens prefilled before evaluation (>= 1).
-        chunk_size: tokens per forward after the prefix (1 = token by token, the strictest).
+        chunk_size: tokens per forward after the prefix (1 = token by token, the strictest); the first
+            evaluated token goes alone (it ends the prompt, as in `generate`).
     Returns:
         dict with `perplexity`, `nll` (mean per token), `eval_tokens`, `kv_bytes` (after the last chunk),
         `kv_bytes_mean` and `kv_bytes_max` (over the states after each chunk: caches whose size oscillates, e.g.
@@ -55,8 +59,8 @@ def perplexity_through_cache(model, input_ids: torch.Tensor, cache, prefix_lengt
     prefill_s = time.perf_counter() - start
     last_logits = out.logits[:, -1:]  # predicts token `prefix_length`
     nll_sum, count, decode_s, sizes = 0.0, 0, 0.0, []
-    for begin in range(prefix_length, seq, chunk_size):
-        end = min(begin + chunk_size, seq)
+    starts = [prefix_length, *range(prefix_length + 1, seq, chunk_size)]
+    for begin, end in zip(starts, [*starts[1:], seq]):
         chunk = input_ids[:, begin:end]
         start = time.perf_counter()
         out = model(chunk, use_cache=True, **{key: cache})

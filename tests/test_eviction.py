@@ -414,6 +414,28 @@ def test_ratio_budget_is_resolved_from_the_prompt():
         assert cache.get_seq_length() == 23
 
 
+def test_chunked_prefill_evicts_chunk_by_chunk_and_ends_with_the_single_forward_budget():
+    """generate(prefill_chunk_size=...): memory is bounded during prefill, a ratio still refers to the whole prompt."""
+    model = tiny_llama()
+    ids, mask = padded_batch(length=20, pad=3)
+    ref = generate(model, DynamicCache(config=model.config), ids, mask)
+    with EvictionCache(model, policy="h2o", budget=64) as cache:  # nothing evicted: exact, chunked or not
+        assert max_logit_diff(generate(model, cache, ids, mask, prefill_chunk_size=6), ref) <= 1e-4
+    for chunk in (None, 6):
+        with HeavyHitterCache(model, ratio=0.5, sinks=1, recent=2) as cache:
+            generate(model, cache, ids, mask, max_new_tokens=4, prefill_chunk_size=chunk)
+            assert cache.layers[0].budget == 10 and cache.layers[0].physical_length == 10, chunk
+    seen = []
+    with EvictionCache(model, policy="tova", budget=8, sinks=1, recent=2, slack=0) as cache:
+        hook = model.register_forward_hook(lambda *_: seen.append(cache.layers[0].physical_length))
+        try:
+            generate(model, cache, ids, mask, max_new_tokens=4, prefill_chunk_size=6)
+        finally:
+            hook.remove()
+    assert seen[:4] == [6, 8, 8, 8]  # after chunks of 6, 6, 6, 2 prompt tokens: never above budget + chunk
+    assert cache.get_seq_length() == 23 and max(seen) == 8
+
+
 def test_gemma3_hybrid_evicts_full_layers_only():
     model = tiny_gemma3()
     ids, mask = padded_batch(length=24, pad=4)

@@ -23,6 +23,9 @@ class EvictionLayer(BatchStateMixin, CacheLayerMixin):
     every row (and head) the kept pads are the first slots and the mask's first columns past `kv_offset` are pads in
     the same number; kept keys stay at their original rotation.
 
+    Prompt: the forwards before the first single-token one (one forward, or several under chunked prefill). A `ratio`
+    budget is `ratio x` the prompt's length, re-resolved after each prompt chunk; decoding forwards keep it fixed.
+
     Timing: a forward's new keys are appended in `update` (the full P_prev + q keys are the transient attention reads);
     right after that layer's attention, `observe` updates scores and, when P exceeds `budget + slack`, gathers the
     top `budget` slots into new compact tensors. A prompt longer than the budget is thus evicted during prefill.
@@ -47,6 +50,7 @@ class EvictionLayer(BatchStateMixin, CacheLayerMixin):
     def _clear(self) -> None:
         self.keys = self.values = self.positions = self.scores = self.n_pad = None
         self.length = 0
+        self.in_prompt = True  # no single-token (decoding) forward yet: a ratio budget follows the prompt's length
         self._pending = False
         self.is_initialized = False
 
@@ -73,7 +77,11 @@ class EvictionLayer(BatchStateMixin, CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         B, H, q, _ = key_states.shape
-        if self.budget is None:
+        if q == 1:
+            self.in_prompt = False
+        if self.budget is None or (self.in_prompt and self.spec.ratio is not None):
+            # A prompt fed in several forwards (generate(prefill_chunk_size=...)) gets the same final budget as one
+            # forward: ratio x (tokens so far), evicting chunk by chunk, so prefill memory stays bounded too.
             self.budget, self.slack = self.spec.resolve(self.length + q)
         new_positions = torch.arange(self.length, self.length + q, dtype=torch.int32, device=self.device)
         self.keys = torch.cat([self.keys, key_states], dim=-2)

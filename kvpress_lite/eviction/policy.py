@@ -68,7 +68,9 @@ class EvictionBudget:
 
     Args:
         budget: tokens kept per sequence and kv head (physical length after an eviction). Exclusive with `ratio`.
-        ratio: budget as a fraction in (0, 1] of the first forward's length (the prompt, pads included), rounded up.
+        ratio: budget as a fraction in (0, 1] of the prompt's length (pads included), rounded up. The prompt is every
+            forward before the first single-token one, so chunked prefill (`generate(prefill_chunk_size=...)`) ends
+            with the same budget as a single prefill forward, evicting chunk by chunk on the way.
         sinks: first real (non-pad) tokens of each sequence never evicted (attention sinks, StreamingLLM).
         recent: most recent tokens never evicted.
         slack: tokens stored above the budget before the next gather (amortizes the gather; memory swings by at
