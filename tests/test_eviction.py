@@ -112,6 +112,28 @@ def test_attention_scores_match_reference_with_padding_gqa_and_eager_weights(pol
         assert torch.all(expected[1, :, :3] == 0)  # pads never receive attention
 
 
+def test_h2o_average_ranks_by_mean_attention_over_the_queries_that_saw_each_token():
+    """Prompt of T then 2 decoded tokens: score = total mass / (L - position), then the top `budget` by that mean."""
+    torch.manual_seed(4)
+    N = T + 2
+    keys, values, query = torch.randn(B, H_KV, N, D), torch.randn(B, H_KV, N, D), torch.randn(B, H_Q, N, D)
+    mean = reference_mass(query, keys, causal_pad_mask([0, 0], N, N)) / (N - torch.arange(N))
+    exact = make_layer("h2o", budget=N, average=True)
+    for begin, end in ((0, T), (T, T + 1), (T + 1, N)):  # prefill, then two decoding steps
+        cached, _ = exact.update(keys[:, :, begin:end], values[:, :, begin:end])
+        exact.observe(query[:, :, begin:end], cached, None, None, scaling=D**-0.5)
+    torch.testing.assert_close(exact.scores, mean, rtol=1e-5, atol=1e-6)
+    # an eviction at the end of the prompt keeps the top 6 by mean, which here differ from the top 6 by sum
+    prompt_sum = reference_mass(query[:, :, :T], keys[:, :, :T], causal_pad_mask([0, 0], T, T))
+    by_mean = (prompt_sum / (T - torch.arange(T))).topk(6, -1).indices.sort(-1).values
+    assert not torch.equal(by_mean, prompt_sum.topk(6, -1).indices.sort(-1).values)
+    evicting = make_layer("h2o", budget=6, average=True)
+    evicting.observe(query[:, :, :T], evicting.update(keys[:, :, :T], values[:, :, :T])[0], None, scaling=D**-0.5)
+    assert torch.equal(evicting.positions.long(), by_mean)
+    with pytest.raises(ValueError, match="average"):
+        make_policy("h2o", average="yes")
+
+
 def test_pads_are_evicted_first_and_kept_pads_lead_every_row():
     torch.manual_seed(2)
     keys, values, query = torch.randn(B, H_KV, T, D), torch.randn(B, H_KV, T, D), torch.randn(B, H_Q, T, D)

@@ -66,9 +66,11 @@ class HeavyHitterCache(EvictionCache):
     """H2O heavy-hitter cache: `EvictionCache(model, policy="h2o", ...)` (arXiv 2306.14048).
 
     Keeps the tokens with the largest attention mass accumulated over all queries so far, plus `sinks` first and
-    `recent` last tokens. Args as `EvictionCache`, without `policy`.
+    `recent` last tokens. Args as `EvictionCache`, without `policy`; `average=True` ranks by mean attention per query
+    that saw the token instead of the sum (no bias toward old tokens, see `H2OPolicy`).
     """
 
     def __init__(self, model, budget: int | None = None, ratio: float | None = None, sinks: int = 4, recent: int = 16,
-                 slack: int | None = None):
-        super().__init__(model, "h2o", budget=budget, ratio=ratio, sinks=sinks, recent=recent, slack=slack)
+                 slack: int | None = None, average: bool = False):
+        super().__init__(model, "h2o", budget=budget, ratio=ratio, sinks=sinks, recent=recent, slack=slack,
+                         average=average)

@@ -114,7 +114,8 @@ class EvictionLayer(BatchStateMixin, CacheLayerMixin):
             mass = observe.attention_mass(
                 query, key, attention_mask, weights, scaling, softcap, self.policy.attention_window, query_real
             )
-            self.scores = self.policy.score(ScoreInputs(self.keys, self.values, self.positions, mass, self.scores))
+            inputs = ScoreInputs(self.keys, self.values, self.positions, mass, self.scores, self.length, q)
+            self.scores = self.policy.score(inputs)
         if P > self.budget + self.slack:
             self.evict(self.budget)
 
@@ -128,7 +129,7 @@ class EvictionLayer(BatchStateMixin, CacheLayerMixin):
         """Keep the `budget` best slots per row and head, in position order, in new compact tensors."""
         scores = self.scores
         if scores is None:
-            scores = self.policy.score(ScoreInputs(self.keys, self.values, self.positions))
+            scores = self.policy.score(ScoreInputs(self.keys, self.values, self.positions, length=self.length))
         keep = self.protected_scores(scores).topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values
         index = keep.unsqueeze(-1)  # (B, Hkv, budget, 1); gather writes new storage, freeing the old buffers
         self.keys = self.keys.gather(2, index.expand(-1, -1, -1, self.keys.shape[-1]))

@@ -33,6 +33,8 @@ class ScoreInputs:
             `attention_window` queries and over the query heads of each kv head; None when `uses_attention` is False.
         previous: `[batch, kv_heads, P]` fp32, the scores this policy returned last time, 0 for slots added by this
             forward; None when `uses_attention` is False.
+        length: logical length L after this forward (tokens seen, evicted ones included).
+        query_length: queries in this forward (q); the slots they added are the last q.
     """
 
     keys: torch.Tensor
@@ -40,6 +42,8 @@ class ScoreInputs:
     positions: torch.Tensor
     attention: torch.Tensor | None = None
     previous: torch.Tensor | None = None
+    length: int | None = None
+    query_length: int | None = None
 
 
 @dataclass
