@@ -235,7 +235,7 @@ def test_unobserved_forward_raises():
         ({"budget": 32, "policy": "lru"}, r"policy='lru' is unknown; accepted values: \['h2o', 'knorm'"),
         ({"budget": 32, "policy": "snapkv", "kernel": 4}, "kernel=4 must be an odd integer"),
         ({"budget": 32, "policy": "snapkv", "window": 0}, "window=0"),
-        ({"budget": 32, "policy": "h2o", "window": 8}, r"unknown parameter\(s\) \['window'\]; accepted: \[\]"),
+        ({"budget": 32, "policy": "h2o", "window": 8}, r"unknown parameter\(s\) \['window'\]; accepted: \['average'\]"),
     ],
 )
 def test_bad_input_raises_clear_value_error(kwargs, match):
