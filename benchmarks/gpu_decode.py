@@ -45,12 +45,13 @@ def build_model(layers: int):
     return model.eval()
 
 
-def timed_generate(model, ids, name, params, new_tokens):
+def timed_generate(model, ids, name, params, new_tokens, prefill_chunk_size=None):
+    """Greedy generate of exactly `new_tokens` with a fresh cache `name(**params)`: (seconds, cache)."""
     cache = build_cache(name, model, **params)
     torch.cuda.synchronize()
     start = time.perf_counter()
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                   do_sample=False, **{cache_kwarg(model): cache})
+                   do_sample=False, prefill_chunk_size=prefill_chunk_size, **{cache_kwarg(model): cache})
     torch.cuda.synchronize()
     return time.perf_counter() - start, cache
 

@@ -12,30 +12,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
-from kvpress_lite import build_cache, cache_nbytes
-from kvpress_lite._compat import cache_kwarg
+from kvpress_lite import cache_nbytes
 
 try:
-    from gpu_decode import build_model
+    from gpu_decode import build_model, timed_generate
 except ImportError:  # run as a module from the repository root
-    from benchmarks.gpu_decode import build_model
+    from benchmarks.gpu_decode import build_model, timed_generate
 
 
 def run(model, ids, strategy: str, params: dict, chunk: int | None, new_tokens: int) -> dict:
     weights = torch.cuda.memory_allocated()
-    cache = build_cache(strategy, model, **params)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                   do_sample=False, prefill_chunk_size=chunk, **{cache_kwarg(model): cache})
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds, cache = timed_generate(model, ids, strategy, params, new_tokens, prefill_chunk_size=chunk)
     row = dict(cache=strategy, params=params, chunk=chunk, seconds=round(seconds, 3),
                kv_gib=round(cache_nbytes(cache) / 2**30, 3),
                peak_gib=round((torch.cuda.max_memory_allocated() - weights) / 2**30, 3))
