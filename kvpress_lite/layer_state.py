@@ -6,15 +6,18 @@ import torch
 
 
 class BatchStateMixin:
-    """Applies beam/batch operations to every tensor named in `state_names` (batch-first, may be None)."""
+    """Applies beam/batch operations to every attribute named in `state_names`: batch-first tensors (may be None)
+    and nested `BatchStateMixin` objects (e.g. a layer's `storage.KVStorage`), which map their own state."""
 
     state_names: tuple[str, ...] = ()
 
     def _map_state(self, fn) -> None:
         for name in self.state_names:
-            tensor = getattr(self, name, None)
-            if isinstance(tensor, torch.Tensor) and tensor.dim() > 0:
-                setattr(self, name, fn(tensor))
+            value = getattr(self, name, None)
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                setattr(self, name, fn(value))
+            elif isinstance(value, BatchStateMixin):
+                value._map_state(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder every state tensor along batch for beam search."""

@@ -84,8 +84,8 @@ def test_policy_keeps_exactly_its_top_scored_tokens(policy):
     expected = reference_scores(policy, query, keys, causal_pad_mask([0, 0], T, T), positions, **params)
     kept = expected.topk(5, dim=-1).indices.sort(-1).values
     assert torch.equal(layer.positions.long(), kept)
-    assert torch.equal(layer.keys, keys.gather(2, kept[..., None].expand(-1, -1, -1, D)))
-    assert torch.equal(layer.values, values.gather(2, kept[..., None].expand(-1, -1, -1, D)))
+    assert torch.equal(layer.store.keys, keys.gather(2, kept[..., None].expand(-1, -1, -1, D)))
+    assert torch.equal(layer.store.values, values.gather(2, kept[..., None].expand(-1, -1, -1, D)))
     if POLICIES[policy].uses_attention:
         torch.testing.assert_close(layer.scores, expected.gather(2, kept), rtol=1e-5, atol=1e-6)
 
@@ -149,7 +149,7 @@ def test_pads_are_evicted_first_and_kept_pads_lead_every_row():
     assert padding_row[kv_offset : kv_offset + kv_length].tolist() == [False] + [True] * 6
     # the next eviction drops the remaining pad before any real token
     layer.update(torch.randn(B, H_KV, 1, D), torch.randn(B, H_KV, 1, D))
-    layer.observe(torch.randn(B, H_Q, 1, D), layer.keys, causal_pad_mask([0, 1], 1, 7))  # row 1: slot 0 is a pad
+    layer.observe(torch.randn(B, H_Q, 1, D), layer.store.keys, causal_pad_mask([0, 1], 1, 7))  # row 1: slot 0 is a pad
     assert torch.all(layer.positions[1] >= 3)
 
 
@@ -187,7 +187,7 @@ def test_logical_length_mask_sizes_slack_and_compact_storage():
     assert layer.positions[0, 0, -1].item() == T + 2  # recent=1 protects the newest token
     # kept tensors own compact storage: nothing pins the pre-eviction buffers
     kv_bytes = 2 * B * H_KV * 5 * D * 4
-    assert layer.keys.is_contiguous() and layer.keys.untyped_storage().nbytes() == kv_bytes // 2
+    assert layer.store.keys.is_contiguous() and layer.store.keys.untyped_storage().nbytes() == kv_bytes // 2
     assert cache_nbytes(layer) == kv_bytes + layer.metadata_nbytes()
     assert layer.metadata_nbytes() == B * H_KV * 5 * (4 + 4) + B * 8  # int32 positions, fp32 scores, int64 pad counts
 
@@ -196,10 +196,11 @@ def test_reorder_cache_permutes_scores_and_row_metadata():
     layer = make_layer("h2o", budget=5)
     layer.observe(torch.randn(B, H_Q, T, D), layer.update(torch.randn(B, H_KV, T, D), torch.randn(B, H_KV, T, D))[0],
                   causal_pad_mask([0, 2], T, T))
-    before = {name: getattr(layer, name).clone() for name in ("keys", "values", "positions", "scores", "n_pad")}
+    state = {"keys": layer.store, "values": layer.store, "positions": layer, "scores": layer, "n_pad": layer}
+    before = {name: getattr(owner, name).clone() for name, owner in state.items()}
     layer.reorder_cache(torch.tensor([1, 0]))
     for name, tensor in before.items():
-        assert torch.equal(getattr(layer, name), tensor.flip(0)), name
+        assert torch.equal(getattr(state[name], name), tensor.flip(0)), name
     assert layer.n_pad.tolist() == [2, 0]
 
 
@@ -211,7 +212,7 @@ def test_crop_is_refused_and_reset_clears():
     with pytest.raises(ValueError, match="crop"):
         layer.crop(-1)
     layer.reset()
-    assert layer.get_seq_length() == 0 and layer.keys is None
+    assert layer.get_seq_length() == 0 and layer.store.keys is None
 
 
 def test_unobserved_forward_raises():

@@ -1,4 +1,4 @@
-"""Model-free tests of the KIVI group-wise quantizers (kvpress_lite.quant.ops)."""
+"""Model-free tests of the KIVI group-wise quantizers (kvpress_lite.kivi)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpress_lite.quant.ops import (
+from kvpress_lite.kivi import (
     dequantize_keys,
     dequantize_values,
     pack,

@@ -24,17 +24,17 @@ def test_layer_keeps_recent_window_exact_and_quantizes_blocks_once(bits):
         seen += chunk
         assert k_out.shape == (2, 4, seen, 16) and layer.get_seq_length() == seen
         assert layer.get_mask_sizes(1) == (seen + 1, 0)
-        residual = layer.keys.shape[-2]
+        residual = layer.store.keys.shape[-2]
         assert residual == seen if seen < 4 + 8 else 4 <= residual < 4 + 8
         assert layer.quantized_length % 8 == 0 and layer.quantized_length + residual == seen
         # the residual is stored exactly, and the returned states cover the whole history in order
-        assert torch.equal(layer.keys, keys[:, :, seen - residual : seen])
+        assert torch.equal(layer.store.keys, keys[:, :, seen - residual : seen])
         tol = {8: 0.05, 4: 0.8, 2: 3.0}[bits]
         assert (k_out - keys[:, :, :seen]).abs().max() < tol
         assert (v_out - values[:, :, :seen]).abs().max() < tol
-    first_block = layer.key_codes[:, :, :8].clone()
+    first_block = layer.store.key_codes[:, :, :8].clone()
     layer.update(keys[:, :, :16], values[:, :, :16])
-    assert torch.equal(layer.key_codes[:, :, :8], first_block)  # old blocks are never re-quantized
+    assert torch.equal(layer.store.key_codes[:, :, :8], first_block)  # old blocks are never re-quantized
 
 
 def test_layer_nbytes_match_kivi_arithmetic():

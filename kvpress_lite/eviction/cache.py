@@ -1,20 +1,26 @@
-"""`EvictionCache`: a KV cache that keeps a fixed budget of tokens per layer, ranked by a policy."""
+"""`EvictionCache`: a KV cache that keeps a fixed budget of tokens per layer, ranked by a policy, optionally quantized."""
 
 from __future__ import annotations
 
 import weakref
 
-from .._compat import Cache, decoder_config, layer_specs, passthrough_layer, validate_attention_model
+from ..cache import CompressedCache
+from ..storage import StorageSpec
 from . import observe
 from .layer import EvictionLayer
 from .policy import EvictionBudget, make_policy
 
+# Storage parameters of every eviction strategy. Per-token keys, so eviction gathers codes (docs/composition.md);
+# a 16-token full-precision window, so int4 storage is >= 2.5x smaller than bf16 at budgets of a few hundred tokens.
+STORAGE_DEFAULTS = {"bits": None, "group_size": 64, "residual_length": 16, "key_mode": "token"}
 
-class EvictionCache(Cache):
+
+class EvictionCache(CompressedCache):
     """Evicting KV cache: full-attention layers keep `budget` tokens chosen by `policy`; sliding layers keep
-    transformers' window. Memory is really freed (kept slots are gathered into new tensors).
+    transformers' window. Memory is really freed (kept slots are gathered into new tensors). With `bits` the kept
+    slots are also stored quantized (KIVI codes with per-token keys, a full-precision recent window).
 
-    Example: `model.generate(**inputs, past_key_values=EvictionCache(model, policy="h2o", ratio=0.5))`.
+    Example: `model.generate(**inputs, cache=EvictionCache(model, policy="snapkv", ratio=0.25, bits=4))`.
 
     The cache switches `model` to an observing wrapper of its attention implementation (sdpa or eager), which computes
     what the policy needs from the queries; `detach()`, leaving `with cache:` or garbage collection restores it. The
@@ -24,28 +30,31 @@ class EvictionCache(Cache):
         model: the `PreTrainedModel` that will run with this cache (decoder-only, sdpa or eager attention, no MLA).
         policy: a name in `kvpress_lite.eviction.POLICIES`: "h2o", "tova", "snapkv", "knorm", "streaming", "random".
         budget / ratio / sinks / recent / slack: see `EvictionBudget` (exactly one of budget and ratio).
+        bits: None (full precision, default) or 8, 4, 2: quantize the kept slots (see `storage.StorageSpec`).
+        group_size / residual_length / key_mode: quantization layout when `bits` is set (defaults: 64, 16, "token";
+            "channel" keys re-quantize the kept history at each eviction, see docs/composition.md).
         **policy_params: the policy's hyperparameters (e.g. `window=`, `kernel=` for snapkv, `seed=` for random).
-    Storage per full-attention layer: keys/values `[batch, kv_heads, P, head_dim]` with P <= budget + slack.
+    Storage per full-attention layer: `[batch, kv_heads, P, head_dim]` slots with P <= budget + slack.
     """
 
     def __init__(self, model, policy: str = "h2o", budget: int | None = None, ratio: float | None = None,
-                 sinks: int = 4, recent: int = 16, slack: int | None = None, **policy_params):
+                 sinks: int = 4, recent: int = 16, slack: int | None = None, bits: int | None = None,
+                 group_size: int = 64, residual_length: int = 16, key_mode: str = "token", **policy_params):
         if not hasattr(model, "set_attn_implementation"):
             raise ValueError(
                 f"model must be a transformers PreTrainedModel (EvictionCache observes its attention), got "
                 f"{type(model).__name__}"
             )
-        config = decoder_config(model)
-        validate_attention_model(config, "EvictionCache")
         self.policy = make_policy(policy, **policy_params)
         self.spec = EvictionBudget(budget, ratio, sinks, recent, slack)
-        layers = [
-            EvictionLayer(self.policy, self.spec, i) if kind == "full_attention" else passthrough_layer(kind, kw)
-            for i, (kind, kw) in enumerate(zip(*layer_specs(config)))
-        ]
-        super().__init__(layers=layers)
+        self.storage = StorageSpec(bits, group_size, residual_length, key_mode)
+        super().__init__(model)
+        self.storage.check_head_dim(self.geometry.head_dim)
         observe.attach(model)
         self._detach = weakref.finalize(self, observe.detach, weakref.ref(model))
+
+    def full_attention_layer(self, layer_idx: int) -> EvictionLayer:
+        return EvictionLayer(self.policy, self.spec, layer_idx, self.storage)
 
     def detach(self) -> None:
         """Give the model back its original attention implementation (idempotent); the cache cannot run after."""
@@ -71,6 +80,7 @@ class HeavyHitterCache(EvictionCache):
     """
 
     def __init__(self, model, budget: int | None = None, ratio: float | None = None, sinks: int = 4, recent: int = 16,
-                 slack: int | None = None, average: bool = False):
-        super().__init__(model, "h2o", budget=budget, ratio=ratio, sinks=sinks, recent=recent, slack=slack,
-                         average=average)
+                 slack: int | None = None, bits: int | None = None, group_size: int = 64, residual_length: int = 16,
+                 key_mode: str = "token", average: bool = False):
+        super().__init__(model, "h2o", budget=budget, ratio=ratio, sinks=sinks, recent=recent, slack=slack, bits=bits,
+                         group_size=group_size, residual_length=residual_length, key_mode=key_mode, average=average)

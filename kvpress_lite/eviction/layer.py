@@ -6,6 +6,7 @@ import torch
 
 from .._compat import CacheLayerMixin
 from ..layer_state import BatchStateMixin
+from ..storage import StorageSpec
 from . import observe
 from .policy import EvictionBudget, EvictionPolicy, ScoreInputs
 
@@ -13,7 +14,8 @@ from .policy import EvictionBudget, EvictionPolicy, ScoreInputs
 class EvictionLayer(BatchStateMixin, CacheLayerMixin):
     """Keeps at most `budget + slack` tokens per sequence and kv head, evicting the lowest-scored ones.
 
-    Storage: `keys`/`values` `[B, H_kv, P, D]` (P physical slots, each head keeps its own tokens), `positions`
+    Storage: `store`, a `kvpress_lite.storage.KVStorage` of P physical slots `[B, H_kv, P, D]` (each head keeps its
+    own tokens; full precision, or quantized with per-token keys when `storage.bits` is set), `positions`
     `[B, H_kv, P]` int32 (logical index of each slot, increasing along P), `scores` `[B, H_kv, P]` fp32 (state of
     attention-based policies, else None), `n_pad` `[B]` (left-pad tokens seen per row).
 
@@ -34,31 +36,34 @@ class EvictionLayer(BatchStateMixin, CacheLayerMixin):
         policy: the `EvictionPolicy` ranking slots.
         budget: an `EvictionBudget` (budget or ratio, sinks, recent, slack).
         layer_idx: the model layer this cache layer serves (matched against the attention module).
+        storage: a `StorageSpec` (None: full precision).
     """
 
     is_sliding = False
     is_croppable = False
     is_compileable = False
-    state_names = ("keys", "values", "positions", "scores", "n_pad")
+    state_names = ("store", "positions", "scores", "n_pad")
 
-    def __init__(self, policy: EvictionPolicy, budget: EvictionBudget, layer_idx: int = 0):
+    def __init__(self, policy: EvictionPolicy, budget: EvictionBudget, layer_idx: int = 0,
+                 storage: StorageSpec | None = None):
         super().__init__()
         self.policy, self.spec, self.layer_idx = policy, budget, layer_idx
+        self.storage = storage or StorageSpec()
         self.budget = self.slack = None
         self._clear()
 
     def _clear(self) -> None:
-        self.keys = self.values = self.positions = self.scores = self.n_pad = None
+        self.store = self.storage.new()
+        self.positions = self.scores = self.n_pad = None
+        self._read = None  # the keys/values the pending attention reads, until it is observed
         self.length = 0
         self.in_prompt = True  # no single-token (decoding) forward yet: a ratio budget follows the prompt's length
         self._pending = False
         self.is_initialized = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        B, H, _, D = key_states.shape
+        B, H = key_states.shape[:2]
         self.device, self.dtype = key_states.device, key_states.dtype
-        self.keys = key_states.new_empty((B, H, 0, D))
-        self.values = value_states.new_empty((B, H, 0, value_states.shape[-1]))
         self.positions = torch.empty((B, H, 0), dtype=torch.int32, device=self.device)
         self.n_pad = torch.zeros(B, dtype=torch.long, device=self.device)
         if self.policy.uses_attention:
@@ -84,15 +89,15 @@ class EvictionLayer(BatchStateMixin, CacheLayerMixin):
             # forward: ratio x (tokens so far), evicting chunk by chunk, so prefill memory stays bounded too.
             self.budget, self.slack = self.spec.resolve(self.length + q)
         new_positions = torch.arange(self.length, self.length + q, dtype=torch.int32, device=self.device)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.store.append(key_states, value_states)
         self.positions = torch.cat([self.positions, new_positions.expand(B, H, q)], dim=-1)
         if self.scores is not None:
             self.scores = torch.cat([self.scores, self.scores.new_zeros(B, H, q)], dim=-1)
         self.length += q
         self._pending = True
+        self._read = self.store.read()
         observe.expect(self)
-        return self.keys, self.values
+        return self._read
 
     def observe(self, query, key, attention_mask=None, weights=None, scaling=None, softcap=None) -> None:
         """After attention: learn new pads from the mask, update scores, evict if over budget.
@@ -104,7 +109,9 @@ class EvictionLayer(BatchStateMixin, CacheLayerMixin):
             weights: eager attention's probabilities `[B, H_q, q, P]`, or None (sdpa).
         """
         self._pending = False
-        q, P = query.shape[-2], self.keys.shape[-2]
+        keys, values = self._read
+        self._read = None
+        q, P = query.shape[-2], keys.shape[-2]
         is_real = observe.real_keys(attention_mask)  # [B, P] or None
         query_real = None
         if is_real is not None:
@@ -114,10 +121,11 @@ class EvictionLayer(BatchStateMixin, CacheLayerMixin):
             mass = observe.attention_mass(
                 query, key, attention_mask, weights, scaling, softcap, self.policy.attention_window, query_real
             )
-            inputs = ScoreInputs(self.keys, self.values, self.positions, mass, self.scores, self.length, q)
+            inputs = ScoreInputs(keys, values, self.positions, mass, self.scores, self.length, q)
             self.scores = self.policy.score(inputs)
         if P > self.budget + self.slack:
-            self.evict(self.budget)
+            self.evict(self.budget, keys, values)
+        self.store.flush()
 
     def protected_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """`scores` with pads at -inf (evicted first) and sinks / recent tokens at +inf (never evicted)."""
@@ -125,15 +133,17 @@ class EvictionLayer(BatchStateMixin, CacheLayerMixin):
         keep = (rank < self.spec.sinks) | (self.positions >= self.length - self.spec.recent)
         return scores.float().masked_fill(keep, float("inf")).masked_fill(rank < 0, float("-inf"))
 
-    def evict(self, budget: int) -> None:
-        """Keep the `budget` best slots per row and head, in position order, in new compact tensors."""
+    def evict(self, budget: int, keys: torch.Tensor | None = None, values: torch.Tensor | None = None) -> None:
+        """Keep the `budget` best slots per row and head, in position order, in new compact tensors.
+
+        `keys`/`values` `[B, H_kv, P, D]`: the full-precision slots if already read (else read from the store)."""
         scores = self.scores
         if scores is None:
-            scores = self.policy.score(ScoreInputs(self.keys, self.values, self.positions, length=self.length))
+            if keys is None:
+                keys, values = self.store.read()
+            scores = self.policy.score(ScoreInputs(keys, values, self.positions, length=self.length))
         keep = self.protected_scores(scores).topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values
-        index = keep.unsqueeze(-1)  # (B, Hkv, budget, 1); gather writes new storage, freeing the old buffers
-        self.keys = self.keys.gather(2, index.expand(-1, -1, -1, self.keys.shape[-1]))
-        self.values = self.values.gather(2, index.expand(-1, -1, -1, self.values.shape[-1]))
+        self.store.keep(keep)  # (B, Hkv, budget); new compact storage, the old buffers are freed
         self.positions = self.positions.gather(2, keep)
         if self.scores is not None:
             self.scores = self.scores.gather(2, keep)
@@ -141,7 +151,7 @@ class EvictionLayer(BatchStateMixin, CacheLayerMixin):
     @property
     def physical_length(self) -> int:
         """Slots stored per row and head (P)."""
-        return 0 if self.keys is None else self.keys.shape[-2]
+        return self.store.length
 
     def metadata_nbytes(self) -> int:
         """Bytes of bookkeeping (positions, scores, pad counts) on top of keys and values."""

@@ -1,21 +1,19 @@
 """Eviction policies rank cached tokens; `EvictionLayer` owns top-k, gather and the budget.
 
 A policy is a dataclass with one method, `score(inputs) -> [batch, kv_heads, seq]` (higher = keep), plus two class
-attributes saying what it needs to see. Registering it with `@register_policy("name", summary)` makes it available as
-`EvictionCache(model, policy="name")` and as strategy "name" (family "eviction") in `kvpress_lite.registry`.
+attributes saying what it needs to see. Registering it with `@register_policy("name", summary)` (in
+`eviction/registration.py`) makes it available as `EvictionCache(model, policy="name")` and as strategy "name"
+(family "eviction") in `kvpress_lite.registry`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-
-from ..registry import register
 
 POLICIES: dict[str, type["EvictionPolicy"]] = {}
 MAX_SLACK = 16  # upper bound of the default slack (tokens stored above the budget before a gather)
@@ -130,30 +128,3 @@ def make_policy(name: str, **params) -> EvictionPolicy:
     if unknown:
         raise ValueError(f"policy {name!r} got unknown parameter(s) {unknown}; accepted: {accepted}")
     return cls(**params)
-
-
-def register_policy(name: str, summary: str):
-    """Class decorator: add a policy to `POLICIES` and register strategy `name` (family "eviction") building
-    `EvictionCache(model, policy=name, **params)`; its params are `EvictionBudget`'s fields plus the policy's."""
-
-    def decorator(cls):
-        cls.name = name
-        POLICIES[name] = cls
-
-        def factory(model, **params):
-            from .cache import EvictionCache
-
-            return EvictionCache(model, policy=name, **params)
-
-        keyword = inspect.Parameter.KEYWORD_ONLY
-        fields = [f for f in (*dataclasses.fields(EvictionBudget), *dataclasses.fields(cls)) if f.init]
-        factory.__signature__ = inspect.Signature(
-            [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-            + [inspect.Parameter(f.name, keyword, default=f.default) for f in fields]
-        )
-        factory.__name__ = factory.__qualname__ = f"{name}_cache"
-        factory.__doc__ = f"`EvictionCache(model, policy={name!r}, **params)`: {summary}."
-        register(name, "eviction", summary)(factory)
-        return cls
-
-    return decorator

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .policy import EvictionPolicy, ScoreInputs, register_policy
+from .policy import EvictionPolicy, ScoreInputs
+from .registration import register_policy
 
 
 @register_policy("snapkv", "SnapKV: pooled attention of the prompt's last `window` queries")

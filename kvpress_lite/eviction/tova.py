@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .policy import EvictionPolicy, ScoreInputs, register_policy
+from .policy import EvictionPolicy, ScoreInputs
+from .registration import register_policy
 
 
 @register_policy("tova", "TOVA: attention of the latest query, averaged over heads")

@@ -1,0 +1,38 @@
+"""`@register_policy`: one decorator makes a policy an `EvictionCache` policy and a registry strategy."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+from ..registry import register
+from .cache import STORAGE_DEFAULTS, EvictionCache
+from .policy import POLICIES, EvictionBudget
+
+
+def register_policy(name: str, summary: str):
+    """Class decorator: add a policy to `POLICIES` and register strategy `name` (family "eviction") building
+    `EvictionCache(model, policy=name, **params)`; its params are `EvictionBudget`'s fields, the storage parameters
+    (`bits`, `group_size`, `residual_length`, `key_mode`) and the policy's fields."""
+
+    def decorator(cls):
+        cls.name = name
+        POLICIES[name] = cls
+
+        def factory(model, **params):
+            return EvictionCache(model, policy=name, **params)
+
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        budget_fields = [(f.name, f.default) for f in dataclasses.fields(EvictionBudget) if f.init]
+        policy_fields = [(f.name, f.default) for f in dataclasses.fields(cls) if f.init]
+        fields = budget_fields + list(STORAGE_DEFAULTS.items()) + policy_fields
+        factory.__signature__ = inspect.Signature(
+            [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+            + [inspect.Parameter(field, keyword, default=default) for field, default in fields]
+        )
+        factory.__name__ = factory.__qualname__ = f"{name}_cache"
+        factory.__doc__ = f"`EvictionCache(model, policy={name!r}, **params)`: {summary}."
+        register(name, "eviction", summary)(factory)
+        return cls
+
+    return decorator

@@ -1,0 +1,278 @@
+"""One layer's KV storage, full precision or quantized: the seam every cache family builds on.
+
+A storage holds `P` slots of keys and values per (batch row, kv head), in slot order, and offers what the families
+need: `append` new tokens, `read` what attention reads (a transient full-precision copy for quantized storage),
+`keep` a chosen subset of slots per (row, head) (eviction), batch reorder/select (beam search) through
+`BatchStateMixin`, `truncate` (crop) and resident bytes (`cache_nbytes` walks its tensors).
+
+`QuantizedKV` uses the KIVI layout (arXiv 2402.02750, docs/design/quantization.md): a history of quantized tokens
+followed by a full-precision residual window of the most recent tokens. Keys are quantized either per channel over
+groups of `group_size` tokens (`key_mode="channel"`, KIVI; best quality, but a group of tokens shares a scale, so
+dropping single tokens breaks groups) or per token over groups of `group_size` channels (`key_mode="token"`, like
+the values; every slot decodes on its own, so eviction is a plain gather of codes, scales and zeros).
+Evicting caches use `"token"` keys: see docs/composition.md for the choice and its measurement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .layer_state import BatchStateMixin
+from .kivi import SUPPORTED_BITS, dequantize_keys, dequantize_values, quantize_keys, quantize_values
+
+KEY_MODES = ("channel", "token")
+TOKEN_FLUSH_BLOCK = 16  # per-token keys: residual tokens are quantized in blocks of 16 (amortizes the history concat)
+
+
+def _positive_int(name: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    """How a cache stores each compressed layer's keys and values.
+
+    Args:
+        bits: None (full precision, the model's dtype) or 8, 4, 2 (KIVI codes, int4/int2 packed into bytes).
+        group_size: tokens per key group (`key_mode="channel"`), channels per value group and per per-token key group;
+            must divide head_dim.
+        residual_length: most recent tokens kept in full precision (>= 0).
+        key_mode: "channel" (KIVI per-channel keys) or "token" (per-token keys, which eviction can gather).
+    Bytes per element ~ bits/8 + 4/group_size (16-bit scale and zero): int4, G=64 -> 0.5625 B (3.56x below bf16).
+    """
+
+    bits: int | None = None
+    group_size: int = 64
+    residual_length: int = 128
+    key_mode: str = "channel"
+
+    def __post_init__(self):
+        if self.bits is not None and (isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS):
+            raise ValueError(f"bits={self.bits!r} is not supported; accepted values: {list(SUPPORTED_BITS)} "
+                             "(or None: full precision)")
+        _positive_int("group_size", self.group_size, 1)
+        _positive_int("residual_length", self.residual_length, 0)
+        if self.key_mode not in KEY_MODES:
+            raise ValueError(f"key_mode={self.key_mode!r} is not supported; accepted values: {list(KEY_MODES)}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits is not None
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise a ValueError if `group_size` cannot group this model's head_dim."""
+        if self.quantized and head_dim % self.group_size:
+            divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
+            raise ValueError(
+                f"group_size={self.group_size} must divide head_dim={head_dim} (values are grouped along head_dim); "
+                f"accepted values: {divisors}"
+            )
+
+    def new(self) -> KVStorage:
+        """A fresh, empty storage of this kind."""
+        if not self.quantized:
+            return FullPrecisionKV()
+        return QuantizedKV(self.bits, self.group_size, self.residual_length, self.key_mode)
+
+
+class KVStorage(BatchStateMixin):
+    """Interface of one layer's KV slots `[batch, kv_heads, P, head_dim]` (see module docstring)."""
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append `[B, H, q, D]` keys/values as the last `q` slots."""
+        raise NotImplementedError
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All `P` slots in full precision, `[B, H, P, D]` each (a transient copy for quantized storage)."""
+        raise NotImplementedError
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep slots `index` `[B, H, K]` (sorted ascending along K) of every row and head, in new compact tensors."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Compress what is due (quantized storage: residual overflow); a no-op in full precision."""
+
+    def truncate(self, n: int) -> None:
+        """Drop the last `n` slots."""
+        raise NotImplementedError
+
+    @property
+    def length(self) -> int:
+        """Slots stored per row and head (P)."""
+        raise NotImplementedError
+
+
+class FullPrecisionKV(KVStorage):
+    """Keys and values in the model's dtype: `keys`/`values` `[B, H, P, D]`."""
+
+    state_names = ("keys", "values")
+
+    def __init__(self):
+        self.keys = self.values = None
+
+    def append(self, keys, values):
+        if self.keys is None:
+            self.device = keys.device
+            self.keys, self.values = keys, values
+        else:
+            self.keys = torch.cat([self.keys, keys], dim=-2)
+            self.values = torch.cat([self.values, values], dim=-2)
+
+    def read(self):
+        return self.keys, self.values
+
+    def keep(self, index):
+        gather = index.unsqueeze(-1)  # (B, H, K, 1); gather writes new storage, freeing the old buffers
+        self.keys = self.keys.gather(2, gather.expand(-1, -1, -1, self.keys.shape[-1]))
+        self.values = self.values.gather(2, gather.expand(-1, -1, -1, self.values.shape[-1]))
+
+    def truncate(self, n):
+        if n:
+            self.keys, self.values = self.keys[:, :, :-n], self.values[:, :, :-n]
+
+    @property
+    def length(self):
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+
+class QuantizedKV(KVStorage):
+    """KIVI storage: quantized history `[B, H, T, ...]` then a full-precision residual `keys`/`values` `[B, H, R', D]`.
+
+    History tensors (None while T == 0): `key_codes`/`value_codes` uint8 `[B, H, T, D * bits // 8]` (packed along
+    head_dim, consecutive channels per byte, low bits first); `value_scale`/`value_zero` `[B, H, T, D // G]`;
+    `key_scale`/`key_zero` `[B, H, T // G, D]` (key_mode "channel") or `[B, H, T, D // G]` ("token"), in the cache
+    dtype. x = code * scale + zero.
+
+    `flush` quantizes the residual's oldest tokens once it holds `residual_length + block` tokens (block = group_size
+    for channel keys, 16 for token keys), leaving between `residual_length` and `residual_length + block - 1` in full
+    precision; quantized tokens are never re-quantized, except by `keep` with channel keys (see `keep`).
+    """
+
+    state_names = ("keys", "values", "key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero")
+
+    def __init__(self, bits: int, group_size: int = 64, residual_length: int = 128, key_mode: str = "channel"):
+        self.bits, self.group_size, self.residual_length, self.key_mode = bits, group_size, residual_length, key_mode
+        self.keys = self.values = None
+        self.key_codes = self.key_scale = self.key_zero = None
+        self.value_codes = self.value_scale = self.value_zero = None
+
+    # ------------------------------------------------------------------ quantizers of this layout
+    def _quantize(self, keys, values):
+        """(key codes, scale, zero, value codes, scale, zero) of `[B, H, n, D]` full-precision tokens."""
+        if self.key_mode == "channel":
+            key_parts = quantize_keys(keys, self.bits, self.group_size)
+        else:
+            key_parts = quantize_values(keys, self.bits, self.group_size)
+        return (*key_parts, *quantize_values(values, self.bits, self.group_size))
+
+    def _history(self):
+        return (self.key_codes, self.key_scale, self.key_zero, self.value_codes, self.value_scale, self.value_zero)
+
+    def _set_history(self, parts) -> None:
+        (self.key_codes, self.key_scale, self.key_zero, self.value_codes, self.value_scale, self.value_zero) = parts
+
+    @property
+    def quantized_length(self) -> int:
+        """Tokens held in the quantized history (T)."""
+        return 0 if self.key_codes is None else self.key_codes.shape[-2]
+
+    @property
+    def length(self):
+        return self.quantized_length + (0 if self.keys is None else self.keys.shape[-2])
+
+    def dequantized_history(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Transient full-precision copy of the history, `[B, H, T, D]` each, or None when T == 0."""
+        if self.key_codes is None:
+            return None
+        if self.key_mode == "channel":
+            keys = dequantize_keys(self.key_codes, self.key_scale, self.key_zero, self.bits, self.group_size)
+        else:
+            keys = dequantize_values(self.key_codes, self.key_scale, self.key_zero, self.bits, self.group_size)
+        values = dequantize_values(self.value_codes, self.value_scale, self.value_zero, self.bits, self.group_size)
+        return keys, values
+
+    # ------------------------------------------------------------------ KVStorage
+    def append(self, keys, values):
+        if self.keys is None:
+            self.device = keys.device
+            self.keys, self.values = keys, values
+        else:
+            self.keys = torch.cat([self.keys, keys], dim=-2)
+            self.values = torch.cat([self.values, values], dim=-2)
+
+    def read(self):
+        history = self.dequantized_history()
+        if history is None:
+            return self.keys, self.values
+        return torch.cat([history[0], self.keys], dim=-2), torch.cat([history[1], self.values], dim=-2)
+
+    def flush(self):
+        if self.keys is None:
+            return
+        block = self.group_size if self.key_mode == "channel" else TOKEN_FLUSH_BLOCK
+        excess = self.keys.shape[-2] - self.residual_length
+        n = excess if self.key_mode == "token" else (excess // block) * block
+        if excess < block or n <= 0:
+            return
+        self._append_history(self._quantize(self.keys[:, :, :n], self.values[:, :, :n]))
+        # .clone() so the quantized prefix's full-precision storage is really freed (a slice would keep it alive)
+        self.keys = self.keys[:, :, n:].clone()
+        self.values = self.values[:, :, n:].clone()
+
+    def _append_history(self, parts) -> None:
+        if self.key_codes is None:
+            self._set_history(parts)
+            return
+        key_scale_dim = 2  # channel keys: scale/zero [B, H, T // G, D] also grow along dim 2
+        self._set_history([torch.cat([old, new], dim=key_scale_dim) for old, new in zip(self._history(), parts)])
+
+    def keep(self, index):
+        """Keep slots `index` `[B, H, K]` (sorted).
+
+        Token keys: the kept history slots are gathered from the codes; the new history is the first T' kept slots of
+        every row and head, T' = the largest number of kept history slots in any (row, head), so rows that kept fewer
+        take their next kept residual tokens into the history, quantized per token. The rest stays in full precision.
+        Channel keys cannot drop single tokens from a group: the kept slots are dequantized, gathered, and the
+        storage is rebuilt from them (the history is quantized again: a second rounding; measured in
+        docs/composition.md).
+        """
+        if self.key_mode == "channel":
+            keys, values = self.read()
+            gather = index.unsqueeze(-1)
+            keys = keys.gather(2, gather.expand(-1, -1, -1, keys.shape[-1]))
+            values = values.gather(2, gather.expand(-1, -1, -1, values.shape[-1]))
+            self.key_codes = self.key_scale = self.key_zero = None
+            self.value_codes = self.value_scale = self.value_zero = None
+            self.keys, self.values = keys, values
+            self.flush()
+            return
+        T = self.quantized_length
+        n_history = int((index < T).sum(dim=-1).max()) if T else 0  # T'
+        residual_index = index[..., n_history:] - T  # (B, H, K - T'): all >= 0, every row's history is in [:T']
+        if n_history:
+            history_index = index[..., :n_history]  # (B, H, T'); entries >= T are residual tokens to quantize
+            parts = self._history()
+            if bool((history_index >= T).any()):
+                parts = [torch.cat([old, new], dim=2) for old, new in zip(parts, self._quantize(self.keys, self.values))]
+            self._set_history([p.gather(2, history_index.unsqueeze(-1).expand(-1, -1, -1, p.shape[-1])) for p in parts])
+        else:
+            self.key_codes = self.key_scale = self.key_zero = None
+            self.value_codes = self.value_scale = self.value_zero = None
+        gather = residual_index.unsqueeze(-1)
+        self.keys = self.keys.gather(2, gather.expand(-1, -1, -1, self.keys.shape[-1]))
+        self.values = self.values.gather(2, gather.expand(-1, -1, -1, self.values.shape[-1]))
+
+    def truncate(self, n):
+        if n == 0:
+            return
+        residual = 0 if self.keys is None else self.keys.shape[-2]
+        if n > residual:
+            raise ValueError(
+                f"cannot remove the last {n} tokens: only the last {residual} are still in full precision; "
+                "quantized blocks cannot be rolled back"
+            )
+        self.keys, self.values = self.keys[:, :, : residual - n], self.values[:, :, : residual - n]
