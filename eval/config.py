@@ -247,6 +247,13 @@ def recipe_from_dict(data: dict, name: str = "") -> Recipe:
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read a YAML recipe (with `include:`), apply `key.path=value` overrides, validate."""
+    """Read a YAML recipe (with `include:`), apply `key.path=value` overrides, validate.
+
+    Validation errors are ValueErrors that start with the recipe file (and the overrides, if any), then the key.
+    """
     data = apply_overrides(read_recipe(path), overrides)
-    return recipe_from_dict(data, Path(path).stem)
+    try:
+        return recipe_from_dict(data, Path(path).stem)
+    except ValueError as err:
+        where = f"{path}" + (f" with overrides {list(overrides)}" if overrides else "")
+        raise ValueError(f"{where}: {err}") from None

@@ -31,14 +31,25 @@ def read_recipe(path: str | Path, _chain: tuple = ()) -> dict:
         raise ValueError(f"include: cycle through {path}")
     if not path.is_file():
         raise ValueError(f"recipe {str(path)!r} not found" + (f" (included from {_chain[-1]})" if _chain else ""))
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"recipe {path}: {_yaml_problem(err)}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"recipe {path} must be a YAML mapping")
+        raise ValueError(f"recipe {path} must be a YAML mapping of keys (model, perplexity, tasks, caches...)")
     includes = data.pop("include", None) or []
     merged: dict = {}
     for include in [includes] if isinstance(includes, str) else includes:
         merged = deep_merge(merged, read_recipe(path.parent / include, _chain + (path,)))
     return deep_merge(merged, data)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """`line L, column C: <problem>` of a PyYAML error, on one line."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = " ".join(filter(None, [getattr(err, "context", None), getattr(err, "problem", None)])) or str(err)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}invalid YAML ({' '.join(problem.split())})"
 
 
 def _list_index(items: list, parts: list[str], at: int, key: str) -> tuple[int, int]:
@@ -60,7 +71,10 @@ def apply_overrides(data: dict, overrides) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like key.path=value (e.g. tasks.passkey.samples=5)")
-        value = yaml.safe_load(raw) if raw else ""
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
         parts, node, at = key.split("."), data, 0
         while True:
             if isinstance(node, list):

@@ -32,13 +32,19 @@ def _device(recipe: Recipe, state) -> str:
     return recipe.device
 
 
-def _preflight(runs: list[Run], model) -> None:
-    """Build every cache once before any compute, so bad strategy params fail in seconds, naming the cache."""
+def preflight(runs: list[Run], model) -> None:
+    """Build every cache once before any compute, so bad strategy params fail in seconds, naming the cache.
+
+    `model` may live on the `meta` device (`--dry-run`): caches need the config and the attention modules only.
+    """
     for spec in {r.cache.label: r.cache for r in runs}.values():
         try:
-            build_cache(spec.strategy, model, **spec.params)
+            cache = build_cache(spec.strategy, model, **spec.params)
         except (ValueError, TypeError) as err:
-            raise ValueError(f"caches[{spec.label}] ({spec.strategy}, params={spec.params}): {err}") from None
+            raise ValueError(f"caches: {spec.label!r} ({spec.strategy}, params={spec.params}) on {runs[0].model}: "
+                             f"{err}") from None
+        if hasattr(cache, "detach"):
+            cache.detach()  # eviction caches hook the model's attention until detached
     gc.collect()  # caches that hook the model (eviction) let go of it when collected
 
 
@@ -135,7 +141,7 @@ def _run_all(recipe: Recipe, state, output_dir: Path) -> dict:
     for (model_name, dtype), group in itertools.groupby(pending, key=lambda r: (r.model, r.dtype)):
         group = list(group)
         model, tokenizer = zoo.load(model_name, dtype, device, recipe.attn_implementation)
-        _preflight(group, model)
+        preflight(group, model)
         for run in group:
             bar.set_postfix_str(f"{run.cell} {run.cache.label}")
             execute(run, model, tokenizer, state, output_dir, device)

@@ -30,21 +30,27 @@ def tiny_tokenizer(vocab_size: int = 1024):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def _tiny_model(kind: str, vocab_size: int, attn_implementation: str):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+def _tiny_config(kind: str, vocab_size: int, attn_implementation: str):
+    from transformers import Gemma3TextConfig, LlamaConfig
 
     common = dict(  # head_dim 64 so the default quantization group size (64) divides it
         vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1,
         head_dim=64, max_position_embeddings=16384, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         attn_implementation=attn_implementation,
     )
-    torch.manual_seed(0)
     if kind == "tiny-llama":
-        return LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **common))
-    config = Gemma3TextConfig(  # 3 sliding-window layers + 1 full layer, like Gemma 3's 5:1 pattern
+        return LlamaConfig(num_hidden_layers=2, **common)
+    return Gemma3TextConfig(  # 3 sliding-window layers + 1 full layer, like Gemma 3's 5:1 pattern
         num_hidden_layers=4, sliding_window=64, layer_types=["sliding_attention"] * 3 + ["full_attention"], **common
     )
-    return Gemma3ForCausalLM(config)
+
+
+def _tiny_model(kind: str, vocab_size: int, attn_implementation: str):
+    from transformers import Gemma3ForCausalLM, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cls = LlamaForCausalLM if kind == "tiny-llama" else Gemma3ForCausalLM
+    return cls(_tiny_config(kind, vocab_size, attn_implementation))
 
 
 TINY_MODELS = ("tiny-llama", "tiny-gemma3")
@@ -61,3 +67,32 @@ def load(name: str, dtype: str = "bfloat16", device: str = "cpu", attn_implement
     from kvpress_lite import load_model
 
     return load_model(name, dtype=DTYPES[dtype], device=device, attn_implementation=attn_implementation)
+
+
+def model_config(name: str):
+    """The model's config without its weights (for an embedded GGUF model: parsed from the file's header)."""
+    import os
+
+    from transformers import AutoConfig
+
+    if name in TINY_MODELS:
+        return _tiny_config(name, 1024, "sdpa")
+    from kvpress_lite.models import EMBEDDED_MODELS, _check_hub_source, embedded_model_path
+
+    if name in EMBEDDED_MODELS:
+        path = embedded_model_path(name)
+        return AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    if not os.path.exists(os.path.expanduser(name)):
+        _check_hub_source(name)
+    return AutoConfig.from_pretrained(name)
+
+
+def meta_model(name: str, dtype: str = "bfloat16", attn_implementation: str = "sdpa"):
+    """The model built on the `meta` device from its config: every cache can be built on it, no weights are read."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; accepted values: {sorted(DTYPES)}")
+    config = model_config(name)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=DTYPES[dtype])

