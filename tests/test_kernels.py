@@ -1,0 +1,248 @@
+"""Decode attention over packed KIVI storage (kvpress_lite.kernels).
+
+* the torch reference against a dense dequantize + SDPA / eager computation;
+* the op's validation, dispatch and fake (meta) implementation;
+* the Triton kernel against the reference on CPU through Triton's interpreter (TRITON_INTERPRET=1 must be set before
+  triton is imported, so those cases run in one subprocess: `python tests/test_kernels.py --interpret`);
+* the Triton kernel at real shapes on a GPU (skipped without CUDA).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvpress_lite.kernels import dequantize_history, quantized_decode_attention, reference_decode_attention
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_inputs(b, hkv, gq, nq, d, t, r, bits, group_size, key_mode, dtype=torch.bfloat16, seed=0, device="cpu"):
+    """Random packed storage (codes, positive scales, zeros), residual and queries; keyword arguments of the op."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    qmax = (1 << bits) - 1
+
+    def rand(*shape, lo=0.0, hi=1.0):
+        return (torch.rand(*shape, generator=g) * (hi - lo) + lo).to(dtype).to(device)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).to(device)
+
+    per_channel = key_mode == "channel"
+    key_param = (b, hkv, t // group_size, d) if per_channel else (b, hkv, t, d // group_size)
+    token_param = (b, hkv, t, d // group_size)
+    db = d * bits // 8
+    hist = t > 0
+    return dict(
+        query=randn(b, hkv * gq, nq, d),
+        key_codes=torch.randint(0, 256, (b, hkv, t, db), generator=g, dtype=torch.uint8).to(device) if hist else None,
+        key_scale=rand(*key_param, lo=0.2 / qmax, hi=3.0 / qmax) if hist else None,
+        key_zero=(randn(*key_param) - 1) if hist else None,
+        value_codes=torch.randint(0, 256, (b, hkv, t, db), generator=g, dtype=torch.uint8).to(device) if hist else None,
+        value_scale=rand(*token_param, lo=0.2 / qmax, hi=3.0 / qmax) if hist else None,
+        value_zero=(randn(*token_param) - 1) if hist else None,
+        residual_keys=randn(b, hkv, r, d) if r else None,
+        residual_values=randn(b, hkv, r, d) if r else None,
+        bits=bits, group_size=group_size, key_mode=key_mode, scaling=d ** -0.5,
+    )
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _dense(inp):
+    """fp32 dense K/V `[B, H_kv, L, D]` of the inputs (history dequantized, then residual)."""
+    ks, vs = [], []
+    if inp["key_codes"] is not None:
+        per_channel = inp["key_mode"] == "channel"
+        ks.append(dequantize_history(inp["key_codes"], inp["key_scale"], inp["key_zero"], inp["bits"],
+                                     inp["group_size"], per_channel))
+        vs.append(dequantize_history(inp["value_codes"], inp["value_scale"], inp["value_zero"], inp["bits"],
+                                     inp["group_size"], False))
+    if inp["residual_keys"] is not None:
+        ks.append(inp["residual_keys"].float())
+        vs.append(inp["residual_values"].float())
+    return torch.cat(ks, 2), torch.cat(vs, 2)
+
+
+# ---------------------------------------------------------------------------------------------- reference
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("key_mode", ["channel", "token"])
+@pytest.mark.parametrize("gq,nq", [(1, 1), (4, 1), (2, 5)])
+def test_reference_matches_dense_sdpa(bits, key_mode, gq, nq):
+    t = 64 if key_mode == "channel" else 41
+    inp = make_inputs(2, 2, gq, nq, 32, t, 7, bits, 16, key_mode, dtype=torch.float32, seed=bits + gq + nq)
+    kv_start = torch.tensor([0, 23])
+    out = quantized_decode_attention(**inp, kv_start=kv_start, impl="torch")
+    k, v = _dense(inp)
+    b, hkv, length, d = k.shape
+    k, v = k.repeat_interleave(gq, 1), v.repeat_interleave(gq, 1)
+    pos = torch.arange(length)
+    qpos = length - nq + torch.arange(nq)
+    mask = (pos[None, :] <= qpos[:, None])[None, None] & (pos[None, None, None, :] >= kv_start.view(b, 1, 1, 1))
+    expected = F.scaled_dot_product_attention(inp["query"], k, v, attn_mask=mask, scale=inp["scaling"])
+    assert out.shape == inp["query"].shape
+    assert rel_err(out, expected) < 1e-5
+
+
+def test_reference_softcap_and_masked_rows_match_eager():
+    inp = make_inputs(2, 2, 2, 3, 32, 32, 5, 4, 16, "channel", dtype=torch.float32, seed=3)
+    length = 37
+    kv_start = torch.tensor([4, length])  # row 1 is all padding: its queries see nothing -> zeros
+    out = quantized_decode_attention(**inp, kv_start=kv_start, softcap=2.0, impl="torch")
+    k, v = _dense(inp)
+    k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    s = inp["query"] @ k.transpose(-1, -2) * inp["scaling"]
+    s = 2.0 * torch.tanh(s / 2.0)  # Gemma-2 eager: cap after scaling, before the mask
+    pos = torch.arange(length)
+    mask = (pos[None, :] <= (length - 3 + torch.arange(3))[:, None]) & (pos >= 4)
+    s = s.masked_fill(~mask, float("-inf"))
+    expected = torch.softmax(s, -1) @ v
+    assert rel_err(out[0], expected[0]) < 1e-5
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    capped = quantized_decode_attention(**inp, kv_start=kv_start, impl="torch")
+    assert rel_err(capped[0], out[0]) > 1e-3  # the cap changed something
+
+
+# ---------------------------------------------------------------------------------------------- op
+def test_op_validates_arguments():
+    inp = make_inputs(1, 2, 2, 1, 32, 32, 3, 4, 16, "channel")
+    with pytest.raises(ValueError, match="impl="):
+        quantized_decode_attention(**inp, impl="cuda")
+    with pytest.raises(ValueError, match="bits="):
+        quantized_decode_attention(**{**inp, "bits": 3})
+    with pytest.raises(ValueError, match="key_mode="):
+        quantized_decode_attention(**{**inp, "key_mode": "group"})
+    with pytest.raises(ValueError, match="key_scale has shape"):
+        quantized_decode_attention(**{**inp, "key_mode": "token"})
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        cut = {k: inp[k][:, :, :24] for k in ("key_codes", "value_codes", "value_scale", "value_zero")}
+        quantized_decode_attention(**{**inp, **cut})
+    with pytest.raises(ValueError, match="at least one key"):
+        quantized_decode_attention(inp["query"], bits=4, group_size=16, scaling=1.0)
+    with pytest.raises(ValueError, match="q=17"):
+        quantized_decode_attention(**{**inp, "query": inp["query"].expand(-1, -1, 17, -1)})
+    with pytest.raises(ValueError, match="kv_start"):
+        quantized_decode_attention(**inp, kv_start=torch.zeros(3, dtype=torch.long))
+
+
+def test_op_cpu_dispatch_and_fake():
+    inp = make_inputs(1, 2, 2, 2, 32, 32, 3, 4, 16, "channel")
+    ref = reference_decode_attention(**{k: v for k, v in inp.items() if k != "key_mode"}, kv_start=None,
+                                     key_per_channel=True)
+    assert torch.equal(quantized_decode_attention(**inp), ref)  # auto on CPU: the torch reference
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(RuntimeError, match="impl='triton' cannot run here"):
+            quantized_decode_attention(**inp, impl="triton")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in inp.items()}
+        out = quantized_decode_attention(**fake)
+    assert out.shape == inp["query"].shape and out.dtype == inp["query"].dtype
+
+
+# ---------------------------------------------------------------------------------------------- interpreter
+# (name, b, hkv, gq, nq, d, t, r, bits, G, key_mode, dtype, kv_start, softcap, extra kernel kwargs)
+INTERPRET_CASES = []
+for _bits in (8, 4, 2):
+    for _mode in ("channel", "token"):
+        for _gq, _nq in ((1, 1), (2, 1), (4, 3)):
+            _t = 96 if _mode == "channel" else 77
+            _dtype = "bfloat16" if _nq > 1 else "float32"  # fp32: exact logic check; bf16: the magic-number path
+            INTERPRET_CASES.append((f"b{_bits}-{_mode}-gq{_gq}-q{_nq}-{_dtype}", 2, 2, _gq, _nq, 64, _t, 19, _bits, 32,
+                                    _mode, _dtype, [0, 37], 0.0, {}))
+INTERPRET_CASES += [
+    ("residual-only", 2, 2, 2, 2, 32, 0, 45, 4, 16, "channel", "bfloat16", [0, 9], 0.0, {}),
+    ("history-only", 2, 2, 2, 2, 32, 64, 0, 4, 16, "channel", "bfloat16", [0, 9], 0.0, {}),
+    ("queries-in-history", 1, 2, 2, 4, 32, 48, 2, 4, 16, "token", "float32", None, 0.0, {}),
+    ("padding-into-residual", 2, 1, 4, 1, 32, 32, 20, 8, 16, "channel", "float32", [3, 40], 0.0, {}),
+    ("all-padding-row", 2, 1, 2, 1, 32, 32, 5, 4, 16, "channel", "float32", [0, 37], 0.0, {}),
+    ("softcap", 2, 2, 2, 3, 32, 64, 11, 4, 16, "channel", "bfloat16", [0, 5], 5.0, {}),
+    ("fp32", 2, 2, 4, 1, 64, 96, 19, 4, 32, "channel", "float32", [0, 37], 0.0, {}),
+    ("fp16-int8", 2, 2, 4, 1, 64, 96, 19, 8, 32, "channel", "float16", [0, 37], 0.0, {}),
+    ("fp16-int4-token", 2, 2, 4, 2, 64, 77, 19, 4, 32, "token", "float16", [0, 37], 0.0, {}),
+    ("q16-gqa1", 1, 2, 1, 16, 32, 32, 17, 4, 16, "channel", "float32", None, 0.0, {}),
+    ("many-splits", 1, 2, 2, 1, 32, 160, 33, 4, 32, "channel", "float32", [7], 0.0,
+     {"num_splits": 7, "block_n": 16}),
+    ("plain-convert", 2, 2, 2, 1, 32, 64, 9, 4, 16, "channel", "bfloat16", [0, 3], 0.0, {"magic": False}),
+]
+TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
+
+
+def run_interpret_cases() -> dict:
+    """Run every INTERPRET_CASES entry through the Triton kernel and the reference; {name: relative error}."""
+    assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before importing triton"
+    torch.set_num_threads(1)
+    from kvpress_lite.kernels import triton_decode
+
+    results = {}
+    for name, b, hkv, gq, nq, d, t, r, bits, gs, mode, dtype, start, cap, extra in INTERPRET_CASES:
+        inp = make_inputs(b, hkv, gq, nq, d, t, r, bits, gs, mode, dtype=getattr(torch, dtype), seed=len(results))
+        kv_start = None if start is None else torch.tensor(start)
+        ref = quantized_decode_attention(**inp, kv_start=kv_start, softcap=cap, impl="torch")
+        if extra:
+            args = {k: v for k, v in inp.items() if k != "key_mode"}
+            out = triton_decode.triton_decode_attention(**args, kv_start=kv_start, softcap=cap,
+                                                        key_per_channel=mode == "channel", **extra)
+        else:
+            out = quantized_decode_attention(**inp, kv_start=kv_start, softcap=cap, impl="triton")
+        finite = bool(torch.isfinite(out).all())
+        zero_rows_ok = bool(torch.equal(out[ref.abs().sum(-1) == 0], ref[ref.abs().sum(-1) == 0]))
+        results[name] = {"err": rel_err(out, ref), "finite": finite, "zero_rows_ok": zero_rows_ok,
+                         "shape_ok": out.shape == ref.shape and out.dtype == ref.dtype, "dtype": dtype}
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpret_results():
+    pytest.importorskip("triton", reason="triton is not installed (optional dependency)")
+    pytest.importorskip("numpy", reason="Triton's interpreter needs numpy")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, __file__, "--interpret"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", [c[0] for c in INTERPRET_CASES])
+def test_triton_kernel_matches_reference_interpreted(interpret_results, case):
+    res = interpret_results[case]
+    assert res["shape_ok"] and res["finite"] and res["zero_rows_ok"], res
+    assert res["err"] < TOLERANCE[res["dtype"]], res
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+GPU_CASES = [  # b, hkv, gq, nq, d, t, r, bits, G, key_mode
+    (4, 8, 4, 1, 128, 8192, 150, 4, 64, "channel"),
+    (4, 8, 4, 1, 128, 8192, 150, 8, 64, "channel"),
+    (2, 8, 4, 4, 128, 4096, 131, 4, 64, "token"),
+    (1, 4, 8, 1, 256, 2048, 140, 4, 64, "channel"),  # Gemma-like head_dim
+    (2, 8, 4, 1, 128, 1024, 130, 2, 64, "channel"),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernel at real shapes)")
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_triton_kernel_matches_reference_gpu(case):
+    pytest.importorskip("triton", reason="triton is not installed (optional dependency)")
+    b, hkv, gq, nq, d, t, r, bits, gs, mode = case
+    inp = make_inputs(b, hkv, gq, nq, d, t, r, bits, gs, mode, device="cuda", seed=t + r)
+    kv_start = torch.randint(0, 300, (b,), device="cuda")
+    for softcap in (0.0, 30.0):
+        out = quantized_decode_attention(**inp, kv_start=kv_start, softcap=softcap, impl="triton")
+        ref = quantized_decode_attention(**inp, kv_start=kv_start, softcap=softcap, impl="torch")
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref) < 1e-2
+
+
+if __name__ == "__main__" and "--interpret" in sys.argv:
+    print(json.dumps(run_interpret_cases()))
