@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="validate, build every cache on each model's config (no weights), list the run folders")
     parser.add_argument("--no-report", action="store_true", help="skip report generation")
-    parser.add_argument("--push-to-hub", metavar="REPO", help="push the results dataset to this hub repo (needs network)")
+    parser.add_argument("--push-to-hub", metavar="REPO",
+                        help="push the results dataset to this hub repo (needs network)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
 

@@ -142,7 +142,9 @@ def build(cls, data: dict, key: str, skip: tuple = ()):
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise ValueError(f"unknown key(s) {[f'{key}.{u}' if key else u for u in unknown]}; accepted: {names}")
-    values = {name: _coerce(f"{key}.{name}" if key else name, data[name], hints[name]) for name in names if name in data}
+    values = {
+        name: _coerce(f"{key}.{name}" if key else name, data[name], hints[name]) for name in names if name in data
+    }
     try:
         return cls(**values)
     except ValueError as err:  # a dataclass __post_init__ check

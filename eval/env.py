@@ -70,7 +70,9 @@ def hardware(device: str, num_processes: int = 1) -> dict:
 
 
 class MemoryMeter:
-    """Peak memory of a block: CUDA `max_memory_allocated`, or on CPU the process RSS growth (not a peak), labelled."""
+    """Peak device memory of a block: CUDA `max_memory_allocated`. On CPU nothing process-wide is meaningful
+    (torch's CPU allocator keeps no peak, and RSS mixes in the model and other runs), so `bytes` is None there;
+    the cache's own peak is `kv_bytes_max` (its resident bytes sampled after every forward)."""
 
     def __init__(self, device: str):
         self.cuda = str(device).startswith("cuda") and torch.cuda.is_available()
@@ -80,10 +82,6 @@ class MemoryMeter:
         if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            import psutil
-
-            self.rss = psutil.Process().memory_info().rss
         return self
 
     def __exit__(self, *exc):
@@ -91,8 +89,5 @@ class MemoryMeter:
             torch.cuda.synchronize(self.device)
             self.result = {"kind": "cuda_max_memory_allocated", "bytes": torch.cuda.max_memory_allocated(self.device)}
         else:
-            import psutil
-
-            growth = psutil.Process().memory_info().rss - self.rss
-            self.result = {"kind": "cpu_rss_growth (not a peak; process-wide)", "bytes": growth}
+            self.result = {"kind": None, "bytes": None}
         return False

@@ -43,10 +43,12 @@ def task_shard(run: Run, model, tokenizer, indices: list[int]) -> list[dict]:
             extracted = entry.task.extract(text, spec.params)
             records.append({
                 "index": sample.index, "depth": sample.depth, "needle_depth": sample.meta["needle_depths"][0],
-                "prompt_tokens": sample.meta["prompt_tokens"], "prompt_sha1": hashlib.sha1(sample.prompt.encode()).hexdigest(),
-                "prompt_tail": sample.prompt[-160:], "answer": sample.answer, "generation": text, "extracted": extracted,
+                "prompt_tokens": sample.meta["prompt_tokens"],
+                "prompt_sha1": hashlib.sha1(sample.prompt.encode()).hexdigest(), "prompt_tail": sample.prompt[-160:],
+                "answer": sample.answer, "generation": text, "extracted": extracted,
                 "correct": extracted.strip().lower() == sample.answer.strip().lower(),
-                "batch_rows": len(samples), "kv_bytes": kv_bytes / len(samples), "cache_tokens": cache_tokens,
+                "batch_rows": len(samples), "kv_bytes": kv_bytes / len(samples),
+                "kv_bytes_max": out["kv_bytes_max"] / len(samples), "cache_tokens": cache_tokens,
                 "prefill_tokens_per_s": out["prefill_tokens"] / out["prefill_s"],
                 "decode_tokens_per_s": out["decode_tokens"] / out["decode_s"] if out["decode_s"] > 0 else None,
             })
@@ -91,7 +93,8 @@ def _median(values):
 def aggregate(run: Run, records: list[dict]) -> dict:
     """Run-level metrics from every record (all processes); exact match through the `evaluate` module."""
     metrics = {
-        "kv_bytes": sum(r["kv_bytes"] for r in records) / len(records),  # mean per sample / window
+        "kv_bytes": sum(r["kv_bytes"] for r in records) / len(records),  # mean per sample / window, at the end
+        "kv_bytes_max": max(r["kv_bytes_max"] for r in records),  # largest after any forward, per sample / window
         "cache_tokens": sum(r["cache_tokens"] for r in records),
         "prefill_tokens_per_s": _median(r["prefill_tokens_per_s"] for r in records),
         "decode_tokens_per_s": _median(r["decode_tokens_per_s"] for r in records),
@@ -115,10 +118,12 @@ def aggregate(run: Run, records: list[dict]) -> dict:
 
 
 def compare_to_baseline(metrics: dict, baseline: dict | None) -> dict:
-    """KV ratio (measured bytes / DynamicCache's measured bytes, same tokens) and perplexity change."""
+    """The project's conventions: KV ratio = measured bytes / DynamicCache's measured bytes (same tokens; < 1 is
+    smaller), perplexity change = ours / DynamicCache's - 1 (a fraction; reports print it in %), plus the difference."""
     same_tokens = baseline is not None and baseline["cache_tokens"] == metrics["cache_tokens"]
     ratio = metrics["kv_bytes"] / baseline["kv_bytes"] if same_tokens and baseline["kv_bytes"] else None
-    delta = None
+    delta = change = None
     if baseline is not None and metrics.get("perplexity") is not None and baseline.get("perplexity") is not None:
         delta = metrics["perplexity"] - baseline["perplexity"]
-    return {"kv_ratio_vs_dynamic": ratio, "perplexity_delta_vs_dynamic": delta}
+        change = metrics["perplexity"] / baseline["perplexity"] - 1
+    return {"kv_ratio_vs_dynamic": ratio, "perplexity_delta_vs_dynamic": delta, "perplexity_change_vs_dynamic": change}

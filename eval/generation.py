@@ -8,18 +8,27 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from kvpress_lite._compat import cache_kwarg
+from kvpress_lite.memory import cache_nbytes
 
 
 class StepClock(LogitsProcessor):
-    """Timestamps every generation step (called once per forward, after the logits): step 0 ends the prefill."""
+    """Timestamps every generation step (called once per forward, after the logits): step 0 ends the prefill.
 
-    def __init__(self, device: torch.device):
-        self.device, self.times = device, []
+    With a `cache`, also samples its resident bytes (`cache_nbytes`) after every forward; the time that takes is
+    taken out of the timestamps, so throughput is unaffected.
+    """
+
+    def __init__(self, device: torch.device, cache=None):
+        self.device, self.cache, self.times, self.sizes, self._spent = device, cache, [], [], 0.0
 
     def __call__(self, input_ids, scores):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.times.append(time.perf_counter())
+        now = time.perf_counter()
+        self.times.append(now - self._spent)
+        if self.cache is not None:
+            self.sizes.append(cache_nbytes(self.cache))
+            self._spent += time.perf_counter() - now
         return scores
 
 
@@ -40,7 +49,8 @@ def greedy_generate(model, tokenizer, sequences: list[list[int]], cache, max_new
 
     Returns:
         dict with `texts` (decoded new tokens), `prefill_s`, `decode_s`, `prefill_tokens` (batch x padded width),
-        `decode_tokens` (batch x decode steps after the first token).
+        `decode_tokens` (batch x decode steps after the first token), `kv_bytes_max` (the cache's largest resident
+        bytes after any forward, whole batch).
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -49,7 +59,7 @@ def greedy_generate(model, tokenizer, sequences: list[list[int]], cache, max_new
         max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
         pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
     )
-    clock = StepClock(device)
+    clock = StepClock(device, cache)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -64,4 +74,5 @@ def greedy_generate(model, tokenizer, sequences: list[list[int]], cache, max_new
         "decode_s": clock.times[-1] - clock.times[0],
         "prefill_tokens": input_ids.numel(),
         "decode_tokens": input_ids.shape[0] * (len(clock.times) - 1),
+        "kv_bytes_max": max(clock.sizes),
     }

@@ -1,5 +1,8 @@
 """Reports from run folders: markdown tables, PNG plots, a `datasets` Dataset with a card (optionally pushed).
 
+Conventions (every table and plot): "vs dynamic" = measured KV bytes / DynamicCache's measured bytes for the same
+tokens (< 1 is smaller); "ppl change" = perplexity / DynamicCache's perplexity - 1, in percent.
+
     python -m eval.report runs/                      # every recipe under runs/
     python -m eval.report runs/quickstart --push-to-hub user/kvpress-lite-quickstart
 """
@@ -12,8 +15,12 @@ from pathlib import Path
 
 import yaml
 
-FIELDS = ("score", "perplexity", "perplexity_delta_vs_dynamic", "kv_bytes", "kv_ratio_vs_dynamic",
-          "prefill_tokens_per_s", "decode_tokens_per_s", "wall_time_s", "cache_tokens", "n", "seed", "config_hash")
+CONVENTIONS = ("\"vs dynamic\" = measured KV bytes / DynamicCache's measured bytes for the same tokens (< 1 is "
+               "smaller); \"ppl change\" = perplexity / DynamicCache's perplexity - 1.")
+FIELDS = ("score", "perplexity", "perplexity_delta_vs_dynamic", "perplexity_change_vs_dynamic", "kv_bytes",
+          "kv_bytes_max", "kv_ratio_vs_dynamic",
+          "prefill_tokens_per_s", "decode_tokens_per_s", "wall_time_s", "cache_tokens", "eval_tokens", "n", "seed",
+          "config_hash")
 
 
 def collect(root: str | Path, run_dirs=None) -> list[dict]:
@@ -36,11 +43,14 @@ def collect(root: str | Path, run_dirs=None) -> list[dict]:
             "batch_size": part.get("batch_size", 1), "label": cache["label"], "strategy": cache["strategy"],
             "params": json.dumps(cache["params"], sort_keys=True), "run_dir": str(folder.relative_to(root)),
             "recipe_dir": str(folder.parents[2]),
-            "peak_memory_bytes": metrics["peak_memory"]["bytes"], "peak_memory_kind": metrics["peak_memory"]["kind"],
+            **_peak(metrics["peak_memory"]),
             **{f"version_{k}": str(v) for k, v in metrics["versions"].items()},
             **{f"hardware_{k}": str(v) for k, v in metrics["hardware"].items()},
         }
         row.update({k: metrics.get(k) for k in FIELDS})
+        delta = row["perplexity_delta_vs_dynamic"]
+        if row["perplexity_change_vs_dynamic"] is None and delta is not None:  # runs from before the field
+            row["perplexity_change_vs_dynamic"] = delta / (row["perplexity"] - delta)
         rows.append(row)
     if run_dirs is not None:
         return rows
@@ -48,6 +58,18 @@ def collect(root: str | Path, run_dirs=None) -> list[dict]:
     for r in rows:
         newest[(r["recipe_dir"], r["model"], r["dtype"], r["cell"], r["label"])] = r
     return list(newest.values())
+
+
+def _peak(peak: dict) -> dict:
+    """Peak device memory of a run; CPU runs record none (older runs' process RSS growth is dropped: not a peak)."""
+    kind = peak.get("kind")
+    if kind is None or kind.startswith("cpu_rss"):
+        return {"peak_memory_bytes": None, "peak_memory_kind": None}
+    return {"peak_memory_bytes": peak["bytes"], "peak_memory_kind": kind}
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{100 * value:+.2f}%"
 
 
 def _fmt(value, spec: str = ".3g") -> str:
@@ -67,17 +89,18 @@ def summary_table(rows: list[dict]) -> str:
         labels = list(dict.fromkeys(r["label"] for r in sorted(group, key=lambda r: r["strategy"] != "dynamic")))
         by = {(r["cell"], r["label"]): r for r in group}
         hw = group[0]
-        out.append(f"**{model}** ({dtype}, {hw['device']}: {hw['hardware_gpu'] if hw['hardware_gpu'] != 'None' else hw['hardware_cpu']}); "
+        machine = hw["hardware_gpu"] if hw["hardware_gpu"] != "None" else hw["hardware_cpu"]
+        out.append(f"**{model}** ({dtype}, {hw['device']}: {machine}); "
                    f"KV bytes and ratio measured on `{main}`, tokens/s on `{speed}`\n")
-        head = ["cache", "strategy", "KV bytes", "vs dynamic", "ppl", "Δppl", "prefill tok/s", "decode tok/s"] + tasks
+        head = ["cache", "strategy", "KV bytes", "vs dynamic", "ppl", "ppl change", "prefill tok/s", "decode tok/s"]
+        head += tasks
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for label in labels:
             r, fast = by.get((main, label), {}), by.get((speed, label), {})
             ppl = next((by[c, label] for c in cells if c.startswith("ppl-") and (c, label) in by), {})
-            delta = ppl.get("perplexity_delta_vs_dynamic")
             line = [label, f"{r.get('strategy', '?')} {r.get('params', '')}", _fmt(r.get("kv_bytes"), ",.0f"),
                     _fmt(r.get("kv_ratio_vs_dynamic"), ".3f"), _fmt(ppl.get("perplexity"), ".3f"),
-                    "–" if delta is None else f"{delta:+.3f}", _fmt(fast.get("prefill_tokens_per_s"), ".0f"),
+                    _pct(ppl.get("perplexity_change_vs_dynamic")), _fmt(fast.get("prefill_tokens_per_s"), ".0f"),
                     _fmt(fast.get("decode_tokens_per_s"), ".1f")]
             line += [_fmt(by.get((c, label), {}).get("score"), ".2f") for c in tasks]
             out.append("| " + " | ".join(line) + " |")
@@ -86,20 +109,56 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def detail_table(rows: list[dict]) -> str:
-    """Markdown: every run."""
-    head = ["model", "cell", "cache", "score", "ppl", "KV bytes", "vs dynamic", "decode tok/s", "peak mem (kind)", "n", "run"]
+    """Markdown: every run. "max KV bytes": the cache's largest resident bytes after any forward; "peak mem": CUDA
+    `max_memory_allocated` (GPU runs only: on CPU no process-wide figure isolates the cache)."""
+    gpu = any(r["peak_memory_bytes"] is not None for r in rows)
+    head = ["model", "cell", "cache", "score", "ppl", "KV bytes", "max KV bytes", "vs dynamic", "decode tok/s"]
+    head += ["peak mem (CUDA)"] if gpu else []
+    head += ["n", "run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append("| " + " | ".join([
-            r["model"], r["cell"], r["label"], _fmt(r["score"], ".2f"), _fmt(r["perplexity"], ".3f"),
-            _fmt(r["kv_bytes"], ",.0f"), _fmt(r["kv_ratio_vs_dynamic"], ".3f"), _fmt(r["decode_tokens_per_s"], ".1f"),
-            f"{_fmt(r['peak_memory_bytes'], ',.0f')} ({r['peak_memory_kind']})", str(r["n"]), r["run_dir"],
-        ]) + " |")
+        line = [r["model"], r["cell"], r["label"], _fmt(r["score"], ".2f"), _fmt(r["perplexity"], ".3f"),
+                _fmt(r["kv_bytes"], ",.0f"), _fmt(r["kv_bytes_max"], ",.0f"), _fmt(r["kv_ratio_vs_dynamic"], ".3f"),
+                _fmt(r["decode_tokens_per_s"], ".1f")]
+        line += [_fmt(r["peak_memory_bytes"], ",.0f")] if gpu else []
+        line += [str(r["n"]), r["run_dir"]]
+        lines.append("| " + " | ".join(line) + " |")
     return "\n".join(lines)
 
 
+SWEPT = ("ratio", "budget")  # the x axis of a family's line: how much is kept
+_BITS_STYLE = {None: ("-", "o"), 8: ("--", "s"), 4: (":", "^"), 2: ("-.", "v")}
+_MARKERS = "oDPXsph*<>"
+
+
+def family(strategy: str, params: str | dict) -> tuple[str, str, int | None]:
+    """`(strategy, variant, bits)` of a run: its line in a plot. The variant is every param except the swept
+    amount (`ratio`/`budget`) and `bits`, e.g. `average=True`; bits get their own line style."""
+    params = json.loads(params) if isinstance(params, str) else dict(params)
+    bits = params.pop("bits", None)
+    variant = " ".join(f"{k}={v}" for k, v in sorted(params.items()) if k not in SWEPT)
+    return strategy, variant, bits
+
+
+def _family_label(strategy: str, variant: str, bits) -> str:
+    return " ".join(filter(None, [strategy, variant, f"int{bits}" if bits else ""]))
+
+
+def _axis_label(cell_rows: list[dict], metric: str) -> str:
+    n = sorted({r["n"] for r in cell_rows})
+    n_text = f"{n[0]}" if len(n) == 1 else f"{n[0]}-{n[-1]}"
+    if metric == "perplexity":
+        tokens = sorted({r.get("eval_tokens") or 0 for r in cell_rows})
+        scored = f"{tokens[-1]} tokens" if tokens[-1] else f"{n_text} window(s)"
+        return f"perplexity through the cache ({scored}; lower is better)"
+    task = cell_rows[0]["task"] or cell_rows[0]["cell"]
+    return f"exact match, {task} (n={n_text} samples per point)"
+
+
 def plot(rows: list[dict], folder: Path) -> list[Path]:
-    """Per (model, cell): score or perplexity vs KV ratio, one curve per strategy, the dynamic baseline starred."""
+    """Per (model, cell): score or perplexity vs KV ratio. One colour and line per family (strategy + variant),
+    a line style and marker per `bits`, the DynamicCache baseline as a black star and a dashed line, a legend
+    beside the axes (no labels over the points). Equal scores are dodged vertically by <= 1.5% of the range."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,23 +169,37 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
     for model, cell in dict.fromkeys((r["model"], r["cell"]) for r in rows):
         group = [r for r in rows if (r["model"], r["cell"]) == (model, cell) and r["kv_ratio_vs_dynamic"] is not None]
         metric = "perplexity" if cell.startswith("ppl-") else "score"
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for strategy in dict.fromkeys(r["strategy"] for r in group):
-            points = sorted((r["kv_ratio_vs_dynamic"], r[metric], r["label"]) for r in group
-                            if r["strategy"] == strategy and r[metric] is not None)
-            if not points:
-                continue
-            x, y, labels = zip(*points)
-            if strategy == "dynamic":
-                ax.scatter(x, y, marker="*", s=200, color="black", zorder=3, label="dynamic (baseline)")
-                ax.axhline(y[0], color="black", lw=0.8, ls="--", alpha=0.5)
-            else:
-                ax.plot(x, y, marker="o", label=strategy)
-                for xi, yi, label in points:
-                    ax.annotate(label, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.set(xlabel="KV bytes / DynamicCache bytes (measured)", ylabel=metric, title=f"{model} — {cell}")
+        group = [r for r in group if r[metric] is not None]
+        if not group:
+            continue
+        families = list(dict.fromkeys(family(r["strategy"], r["params"]) for r in group if r["strategy"] != "dynamic"
+                                      or json.loads(r["params"])))
+        hues = list(dict.fromkeys((f[0], f[1]) for f in families))
+        colors = plt.get_cmap("tab10" if len(hues) <= 10 else "tab20").colors
+        values = [r[metric] for r in group]
+        span = (max(values) - min(values)) or 1.0
+        fig, ax = plt.subplots(figsize=(8, 4.2))
+        for i, fam in enumerate(families):
+            hue = hues.index(fam[:2])
+            style, marker = _BITS_STYLE.get(fam[2], ("-", "o"))
+            marker = marker if fam[2] is not None else _MARKERS[hue % len(_MARKERS)]
+            points = sorted((r["kv_ratio_vs_dynamic"], r[metric]) for r in group
+                            if family(r["strategy"], r["params"]) == fam and not r["strategy"] == "dynamic")
+            dodge = 0.0 if metric == "perplexity" else (i - (len(families) - 1) / 2) * 0.03 * span / len(families)
+            x, y = zip(*points)
+            ax.plot(x, [v + dodge for v in y], ls=style, marker=marker, color=colors[hue % len(colors)], lw=1.6, ms=6,
+                    label=_family_label(*fam), alpha=0.9)
+        base = [r for r in group if r["strategy"] == "dynamic" and not json.loads(r["params"])]
+        if base:
+            ax.axhline(base[0][metric], color="black", lw=0.9, ls="--", alpha=0.6)
+            ax.scatter([base[0]["kv_ratio_vs_dynamic"]], [base[0][metric]], marker="*", s=220, color="black", zorder=4,
+                       label=f"DynamicCache (baseline): {base[0][metric]:.3g}")
+        ax.set_xlabel("KV bytes / DynamicCache bytes (measured; lower = smaller cache)")
+        ax.set_ylabel(_axis_label(group, metric), fontsize=9)
+        hw = group[0]
+        ax.set_title(f"{model} ({hw['dtype']}) — {cell}", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
         path = folder / f"{model.replace('/', '--')}_{cell}_{metric}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=120)
@@ -142,18 +215,21 @@ def dataset_card(rows: list[dict], recipe_dir: Path) -> str:
     versions = {k[len("version_"):]: v for k, v in first.items() if k.startswith("version_")}
     hardware = {k[len("hardware_"):]: v for k, v in first.items() if k.startswith("hardware_")}
     return (
-        f"---\npretty_name: kvpress_lite results — {first['recipe']}\ntags:\n- kv-cache\n- long-context\n- kvpress_lite\n"
+        f"---\npretty_name: kvpress_lite results — {first['recipe']}\n"
+        "tags:\n- kv-cache\n- long-context\n- kvpress_lite\n"
         f"license: apache-2.0\n---\n\n# kvpress_lite eval results: `{first['recipe']}`\n\n"
         "One row per run (cell x cache). KV bytes are measured resident bytes (`kvpress_lite.cache_nbytes`) at the end "
-        "of each sample; ratios divide by DynamicCache's measured bytes for the same model, dtype and tokens. "
-        "Perplexity is measured through the cache (prefix prefilled, the rest fed in chunks). CPU timings are indicative only.\n\n"
+        "of each sample; ratios divide by DynamicCache's measured bytes for the same model, dtype and tokens (< 1 is "
+        "smaller); perplexity changes are relative (ours / DynamicCache's - 1). "
+        "Perplexity is measured through the cache (prefix prefilled, the rest fed in chunks). "
+        "CPU timings are indicative only.\n\n"
         f"## Summary\n\n{summary_table(rows)}\n## Versions\n\n```yaml\n{yaml.safe_dump(versions)}```\n\n"
         f"## Hardware\n\n```yaml\n{yaml.safe_dump(hardware)}```\n\n## Recipe (resolved)\n\n```yaml\n{recipe}```\n"
     )
 
 
 def write_report(root: str | Path, push_to_hub: str | None = None, run_dirs=None) -> list[Path]:
-    """Write `report/` (report.md, plots, dataset) in every recipe folder found below `root`; returns report.md paths."""
+    """Write `report/` (report.md, plots, dataset) in every recipe folder below `root`; returns report.md paths."""
     import importlib.util
 
     rows, written = collect(root, run_dirs), []
@@ -161,8 +237,8 @@ def write_report(root: str | Path, push_to_hub: str | None = None, run_dirs=None
         group = [r for r in rows if r["recipe_dir"] == recipe_dir]
         out = Path(recipe_dir) / "report"
         pngs = plot(group, out / "plots")
-        text = (f"# {group[0]['recipe']}\n\n## Summary\n\n{summary_table(group)}\n## All runs\n\n{detail_table(group)}\n\n"
-                + "".join(f"![{p.stem}](plots/{p.name})\n" for p in pngs))
+        text = (f"# {group[0]['recipe']}\n\n{CONVENTIONS}\n\n## Summary\n\n{summary_table(group)}\n"
+                f"## All runs\n\n{detail_table(group)}\n\n" + "".join(f"![{p.stem}](plots/{p.name})\n" for p in pngs))
         (out / "report.md").write_text(text)
         written.append(out / "report.md")
         if importlib.util.find_spec("datasets") is None:  # a declared dependency, but bare images may lack it

@@ -95,7 +95,8 @@ def execute(run: Run, model, tokenizer, state, output_dir: Path, device: str) ->
         baseline = json.loads(baseline_file.read_text()) if baseline_file.exists() else None
         metrics.update(compare_to_baseline(metrics, baseline if not run.cache.is_baseline else metrics))
         metrics.update(
-            peak_memory={"kind": peaks[0]["kind"], "bytes": max(p["bytes"] for p in peaks)},
+            peak_memory={"kind": peaks[0]["kind"], "bytes": None if peaks[0]["bytes"] is None
+                         else max(p["bytes"] for p in peaks)},
             wall_time_s=wall, seed=run.recipe.seed, config_hash=run.config_hash,
             versions=versions(), hardware=hardware(device, state.num_processes),
         )

@@ -74,7 +74,7 @@ class Run:
         model = self.model.replace("/", "--").strip(".-") or "model"
         return Path(output_dir) / self.recipe.name / model / self.cell / f"{self.cache.label}-{self.config_hash}"
 
-    def baseline(self) -> "Run":
+    def baseline(self) -> Run:
         """The DynamicCache run of the same cell (ratios and perplexity deltas are measured against it)."""
         spec = next(c for c in caches_of(self.recipe, self.part) if c.is_baseline)
         return dataclasses.replace(self, cache=spec)
@@ -92,6 +92,7 @@ def plan(recipe: Recipe) -> list[Run]:
         cells.append(("perplexity", "perplexity", None, recipe.perplexity))
     for key, spec in recipe.tasks.items():
         cells += [("task", key, length, spec) for length in spec.lengths]
-    runs = [Run(recipe, kind, key, length, cache) for kind, key, length, part in cells for cache in caches_of(recipe, part)]
+    runs = [Run(recipe, kind, key, length, cache)
+            for kind, key, length, part in cells for cache in caches_of(recipe, part)]
     order = list(dict.fromkeys((r.model, r.dtype) for r in runs))
     return sorted(runs, key=lambda r: order.index((r.model, r.dtype)))  # stable: cell order and baseline-first kept

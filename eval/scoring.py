@@ -28,7 +28,8 @@ def _plain(predictions: list[str], references: list[str]) -> dict:
 
 
 def exact_match(predictions: list[str], references: list[str]) -> dict:
-    """`{"exact_match": float}` (evaluate's schema): fraction of predictions equal to references (stripped, lowercased)."""
+    """`{"exact_match": float}` (evaluate's schema): fraction of predictions equal to references (stripped,
+    lowercased)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     if SCORER.startswith("python"):

@@ -11,10 +11,8 @@ import difflib
 import importlib.util
 import logging
 import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlparse
 
 import torch
 
@@ -83,16 +81,24 @@ def hub_offline() -> bool:
     return env or bool(constants.HF_HUB_OFFLINE)
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the hub endpoint (HF_ENDPOINT) opens within `timeout` seconds."""
+def hub_lookup(name: str, timeout: float = 3.0) -> str:
+    """Ask the hub endpoint (HF_ENDPOINT) about model `name` within `timeout` seconds, without retries:
+    `"found"`, `"missing"` (HTTP 404) or `"unreachable"` (DNS, refused, timeout, TLS). Other statuses
+    (e.g. 401 for a gated repo) count as found: transformers then reports the details."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
     from huggingface_hub import constants
 
-    url = urlparse(constants.ENDPOINT)
+    url = f"{constants.ENDPOINT.rstrip('/')}/api/models/{urllib.parse.quote(name)}"
     try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
-            return True
-    except OSError:
-        return False
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError as err:
+        return "missing" if err.code == 404 else "found"
+    except (OSError, ValueError):
+        return "unreachable"
+    return "found"
 
 
 def _check_hub_source(name: str) -> None:
@@ -105,14 +111,18 @@ def _check_hub_source(name: str) -> None:
         cached = False
     if cached:
         return
-    offline = hub_offline()
-    if not offline and hub_reachable():
+    status = "offline" if hub_offline() else hub_lookup(name)
+    if status == "found":
         return
-    why = "HF_HUB_OFFLINE is set" if offline else "the hub is unreachable"
+    why = {
+        "offline": "HF_HUB_OFFLINE is set and there is no cached copy",
+        "unreachable": "the hub is unreachable and there is no cached copy",
+        "missing": "the hub has no such model",
+    }[status]
     close = difflib.get_close_matches(name, EMBEDDED_MODELS, n=1, cutoff=0.5)
     raise ValueError(
-        f"model {name!r} is not an embedded model, not a local directory, and {why} with no cached copy"
-        + (f"; did you mean {close[0]!r}?" if close else "")
+        f"model {name!r} is not an embedded model, not a local directory, and {why}"
+        + (f"; did you mean {close[0]!r}?" if close else ".")
         + f" Embedded models (offline): {sorted(EMBEDDED_MODELS)}"
     )
 

@@ -26,7 +26,8 @@ def test_report_cli_writes_tables_plots_and_dataset(runs_dir, capsys):
     folder = runs_dir / "smoke" / "report"
     assert f"wrote {folder / 'report.md'}" in capsys.readouterr().out
     text = (folder / "report.md").read_text()
-    assert "| cache | strategy | KV bytes | vs dynamic | ppl | Δppl |" in text and "passkey-320" in text
+    assert "| cache | strategy | KV bytes | vs dynamic | ppl | ppl change |" in text and "passkey-320" in text
+    assert "peak mem" not in text and "max KV bytes" in text  # CPU runs: the cache's own peak, no RSS figure
     assert "| int4 |" in text and "| dynamic |" in text
     pngs = sorted((folder / "plots").glob("*.png"))
     assert [p.name for p in pngs] == ["tiny-llama_passkey-320_score.png", "tiny-llama_ppl-192+64_perplexity.png"]
@@ -48,10 +49,46 @@ def test_summary_numbers_come_from_metrics(runs_dir):
     int4 = next(r for r in rows if r["cell"] == "ppl-192+64" and r["label"] == "int4")
     line = next(line for line in report.summary_table(rows).splitlines() if line.startswith("| int4 |"))
     assert f"{int4['kv_ratio_vs_dynamic']:.3f}" in line and f"{int4['perplexity']:.3f}" in line
-    assert f"{int4['perplexity_delta_vs_dynamic']:+.3f}" in line
+    assert f"{100 * int4['perplexity_change_vs_dynamic']:+.2f}%" in line
 
 
 def test_collect_keeps_the_newest_run_of_a_cell(runs_dir):
     run_recipe(load_recipe(SMOKE, ["tasks.passkey.samples=2"]), runs_dir)  # same cells and labels, new hashes
     rows = [r for r in report.collect(runs_dir) if r["cell"] == "passkey-320"]
     assert len(rows) == 3 and {r["n"] for r in rows} == {2}
+
+
+def test_plot_families_get_their_own_line():
+    """h2o and h2o average=True are two families (two colours); bits set the line style; ratio/budget is the x axis."""
+    assert report.family("h2o", {"ratio": 0.5}) == ("h2o", "", None)
+    assert report.family("h2o", '{"average": true, "ratio": 0.2}') == ("h2o", "average=True", None)
+    assert report.family("h2o", {"ratio": 0.5, "bits": 4}) == ("h2o", "", 4)
+    assert report.family("quantized", {"bits": 8}) != report.family("quantized", {"bits": 4})
+
+
+def test_plot_legend_names_every_family_and_the_baseline(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def row(strategy, params, ratio, score):
+        return {"model": "m", "cell": "niah-2048", "task": "niah_multikey", "dtype": "float32", "strategy": strategy,
+                "params": json.dumps(params), "label": strategy, "kv_ratio_vs_dynamic": ratio, "score": score, "n": 20,
+                "perplexity": None}
+
+    rows = [row("dynamic", {}, 1.0, 1.0), row("h2o", {"ratio": 0.5}, 0.5, 0.6), row("h2o", {"ratio": 0.2}, 0.2, 0.0),
+            row("h2o", {"ratio": 0.5, "average": True}, 0.5, 0.4), row("h2o", {"ratio": 0.2, "average": True}, 0.2, 0.2),
+            row("knorm", {"ratio": 0.5}, 0.5, 0.0), row("random", {"ratio": 0.5}, 0.5, 0.0)]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    (path,) = report.plot(rows, tmp_path)
+    ax = figures[0].axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["h2o", "h2o average=True", "knorm", "random", "DynamicCache (baseline): 1"]
+    lines = [line for line in ax.get_lines() if line.get_label() in legend]
+    assert len({line.get_color() for line in lines}) == 4  # one colour per family
+    assert "n=20" in ax.get_ylabel() and "exact match" in ax.get_ylabel()
+    knorm, rand = (next(line for line in lines if line.get_label() == name).get_ydata()[0] for name in ("knorm", "random"))
+    assert knorm != rand and abs(knorm - rand) < 0.05  # equal scores stay visible, dodged by less than 5% of the range
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

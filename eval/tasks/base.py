@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import bisect
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .haystack import filler_words, is_sentence_end
 
@@ -44,7 +44,7 @@ class Prompter:
         return f"{user}\n{answer_prefix}"
 
     def encode(self, text: str) -> list[int]:
-        """Token ids as the model receives them (special tokens only for plain prompts; chat templates add their own)."""
+        """Token ids as the model receives them (special tokens for plain prompts; chat templates add their own)."""
         return self.tokenizer(text, add_special_tokens=not self.chat)["input_ids"]
 
     def count(self, text: str) -> int:
@@ -64,7 +64,8 @@ def _word_token_bounds(tokenizer, words: list[str]) -> list[int]:
 
 
 def _spot(ends: list[int], bounds: list[int], n: int, depth: float) -> int:
-    """Word index for a needle at `depth`: nearest sentence end (`ends`) within 2% of the haystack, else nearest word."""
+    """Word index for a needle at `depth`: nearest sentence end (`ends`) within 2% of the haystack, else nearest
+    word."""
     target = depth * bounds[n]
     best = min(ends, key=lambda j: abs(bounds[j] - target))
     if abs(bounds[best] - target) <= 0.02 * bounds[n]:
@@ -118,5 +119,6 @@ def fit_context(
         if tokens <= length:
             break
         budget -= tokens - length
-    meta = {"prompt_tokens": tokens, "haystack_tokens": bounds[n], "needle_depths": [bounds[j] / bounds[n] for j in spots]}
+    depths = [bounds[j] / bounds[n] for j in spots]
+    meta = {"prompt_tokens": tokens, "haystack_tokens": bounds[n], "needle_depths": depths}
     return prompt, context, meta

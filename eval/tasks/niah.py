@@ -53,7 +53,9 @@ class Niah:
             if not 3 <= self.value_digits <= 12:
                 raise ValueError(f"value_digits={self.value_digits!r} must be in [3, 12]")
 
-    def sample(self, params, prompter: Prompter, length: int, depth: float, haystack: str, rng: random.Random, index: int):
+    def sample(
+        self, params, prompter: Prompter, length: int, depth: float, haystack: str, rng: random.Random, index: int
+    ):
         keys = [f"{a}-{n}" for a, n in rng.sample([(a, n) for a in _ADJECTIVES for n in _NOUNS], params.num_keys)]
         low = 10 ** (params.value_digits - 1)
         values = [str(v) for v in rng.sample(range(low, 10 * low), params.num_keys * params.num_values)]
@@ -61,7 +63,8 @@ class Niah:
         for k, key in enumerate(keys):
             for v in range(params.num_values):
                 at = depth if (k, v) == (0, 0) else rng.random()
-                needles.append((at, f"One of the special magic numbers for {key} is: {values[k * params.num_values + v]}."))
+                value = values[k * params.num_values + v]
+                needles.append((at, f"One of the special magic numbers for {key} is: {value}."))
         answer = " ".join(sorted(values[: params.num_queries * params.num_values]))
         many = params.num_values * params.num_queries > 1
         query = ", ".join(queried)
@@ -69,12 +72,13 @@ class Niah:
         def frame(context: str):
             if many:
                 return (
-                    f"{INSTRUCTION}\n\n{context}\n\nWhat are all the special magic numbers for {query} mentioned in the "
-                    "provided text?",
+                    f"{INSTRUCTION}\n\n{context}\n\nWhat are all the special magic numbers for {query} mentioned "
+                    "in the provided text?",
                     f"The special magic numbers for {query} mentioned in the provided text are",
                 )
             return (
-                f"{INSTRUCTION}\n\n{context}\n\nWhat is the special magic number for {query} mentioned in the provided text?",
+                f"{INSTRUCTION}\n\n{context}\n\nWhat is the special magic number for {query} mentioned in the "
+                "provided text?",
                 f"The special magic number for {query} mentioned in the provided text is",
             )
 

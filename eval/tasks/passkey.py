@@ -29,7 +29,9 @@ class Passkey:
             if not 1 <= self.digits <= 12:
                 raise ValueError(f"digits={self.digits!r} must be in [1, 12]")
 
-    def sample(self, params, prompter: Prompter, length: int, depth: float, haystack: str, rng: random.Random, index: int):
+    def sample(
+        self, params, prompter: Prompter, length: int, depth: float, haystack: str, rng: random.Random, index: int
+    ):
         key = str(rng.randint(10 ** (params.digits - 1), 10**params.digits - 1))
         needle = f"The pass key is {key}. Remember it. {key} is the pass key."
 

@@ -31,7 +31,9 @@ class VariableTracking:
             if not 3 <= self.value_digits <= 12:
                 raise ValueError(f"value_digits={self.value_digits!r} must be in [3, 12]")
 
-    def sample(self, params, prompter: Prompter, length: int, depth: float, haystack: str, rng: random.Random, index: int):
+    def sample(
+        self, params, prompter: Prompter, length: int, depth: float, haystack: str, rng: random.Random, index: int
+    ):
         n_vars = params.num_chains * (params.num_hops + 1)
         names = set()
         while len(names) < n_vars:

@@ -22,7 +22,8 @@ Examples:
     {'exact_match': 0.5}
 """
 
-_CITATION = """@article{hsieh2024ruler, title={RULER: What's the Real Context Size of Your Long-Context Language Models?},
+_CITATION = """@article{hsieh2024ruler,
+title={RULER: What's the Real Context Size of Your Long-Context Language Models?},
 author={Hsieh, Cheng-Ping and others}, journal={arXiv preprint arXiv:2404.06654}, year={2024}}"""
 
 
@@ -40,7 +41,9 @@ class ExactMatch(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):
