@@ -1,19 +1,34 @@
-"""The registry is the single source of strategies: every one builds, is documented, and appears in README."""
+"""The registry is the single source of strategies: every one builds, is documented, appears in README, and decodes
+exactly like DynamicCache (greedy, beam search, seeded sampling) when its parameters compress nothing."""
 
 from __future__ import annotations
 
 import pathlib
 
 import pytest
-from conftest import tiny_llama
+import torch
+from conftest import tiny_gemma3, tiny_llama
 
 import kvpress_lite
 from kvpress_lite import STRATEGIES, build_cache, cache_nbytes
+from kvpress_lite._compat import DynamicCache, cache_kwarg
 from kvpress_lite.registry import FAMILIES
 
 README = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
 # Params a strategy needs to build on the tiny model (eviction needs a budget; the rest has defaults).
 REQUIRED = {"eviction": {"budget": 24}, "quantization": {"group_size": 16}, "baseline": {}}
+# Params under which a strategy keeps every token in full precision (prompts + new tokens < 100 here).
+LOSSLESS = {"eviction": {"budget": 1000}, "quantization": {"group_size": 16, "residual_length": 1000}, "baseline": {}}
+# transformers' QuantizedCache quantizes its first prefill whatever the window: never lossless.
+NOT_LOSSLESS = {"hf-quantized"}
+
+
+def _generate(model, cache, ids, **kwargs):
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0, **{cache_kwarg(model): cache},
+                         **kwargs)
+    if hasattr(cache, "detach"):
+        cache.detach()
+    return out
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
@@ -24,12 +39,32 @@ def test_every_strategy_builds_documents_itself_and_is_in_readme(name):
     model = tiny_llama()
     params = REQUIRED[strategy.family] if name != "hf-quantized" else {"group_size": 16}
     cache = build_cache(name, model, **params)
-    out = model.generate(
-        __import__("torch").randint(0, 128, (1, 40)), max_new_tokens=3, do_sample=False, past_key_values=cache
-    )
+    out = _generate(model, cache, torch.randint(0, 128, (1, 40)), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 43) and cache_nbytes(cache) > 0
-    if hasattr(cache, "detach"):
-        cache.detach()
+
+
+LOSSLESS_NAMES = sorted(n for n in STRATEGIES if n not in NOT_LOSSLESS and n != "dynamic")
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gemma3], ids=["llama", "gemma3"])
+@pytest.mark.parametrize("name", LOSSLESS_NAMES)
+def test_beam_search_and_seeded_sampling_match_dynamic_when_nothing_is_compressed(name, make_model):
+    """Beam search reorders the cache every step (scores and metadata too); sampling draws from the logits: both
+    give DynamicCache's tokens exactly when the strategy keeps everything in full precision."""
+    model = make_model()
+    ids = torch.randint(1, 128, (2, 30), generator=torch.Generator().manual_seed(0))
+    params = LOSSLESS[STRATEGIES[name].family]
+    beam = dict(max_new_tokens=8, num_beams=3, do_sample=False, num_return_sequences=2)
+    expected = _generate(model, DynamicCache(config=model.config), ids, **beam)
+    got = _generate(model, build_cache(name, model, **params), ids, **beam)
+    assert torch.equal(got, expected)
+    sample = dict(max_new_tokens=12, do_sample=True, top_k=0, temperature=1.5)
+    torch.manual_seed(7)
+    expected = _generate(model, DynamicCache(config=model.config), ids, **sample)
+    torch.manual_seed(7)
+    got = _generate(model, build_cache(name, model, **params), ids, **sample)
+    assert torch.equal(got, expected)
+    assert len(set(map(tuple, expected[:, 30:].tolist()))) == 2  # the rows really sampled different tokens
 
 
 def test_families_cover_the_mission():
@@ -44,5 +79,11 @@ def test_unknown_strategy_lists_registered_names():
 @pytest.mark.parametrize("name", kvpress_lite.__all__)
 def test_public_api_is_documented(name):
     obj = getattr(kvpress_lite, name)
-    if callable(obj):
+    if isinstance(obj, dict):  # registries: non-empty, every entry describes itself
+        assert obj, f"{name} is empty"
+        for key, entry in obj.items():
+            text = getattr(entry, "summary", None) or getattr(entry, "description", None)
+            assert text and text.strip(), f"{name}[{key!r}] has no summary/description"
+    else:
+        assert callable(obj), f"{name} is neither callable nor a registry"
         assert obj.__doc__ and obj.__doc__.strip(), f"{name} has no docstring"
