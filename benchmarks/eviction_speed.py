@@ -1,6 +1,6 @@
 """Decode step time of H2O eviction (ratio 0.5) vs DynamicCache at a 2k-token context, SmolLM2-135M on CPU.
 
-Method (design.md section 6): same process, same prompt; each repeat prefills a fresh cache of each kind, then
+Method (docs/design/measuring.md): same process, same prompt; each repeat prefills a fresh cache of each kind, then
 decodes one token at a time alternating the two caches step by step (each step = forward + greedy pick), `--warmup`
 untimed steps then `--steps` timed ones. Reported: median step time per kind over all timed steps, the ratio of the
 medians and the median of the paired per-step ratios. Absolute CPU times are noisy on a shared machine; the ratio is

@@ -11,11 +11,15 @@ DynamicCache: the same model, no compression.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
-from eval.text_sources import pydoc_text
-from kvpress_lite import QuantizedKVCache, load_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/ lives in the checkout, not in the wheel
+from eval.text_sources import pydoc_text  # noqa: E402
+from kvpress_lite import QuantizedKVCache, load_model  # noqa: E402
+from kvpress_lite._compat import cache_kwarg  # noqa: E402
 
 
 def first_divergence(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -40,7 +44,7 @@ def main() -> None:
         n = inputs["input_ids"].shape[1]
         gen = dict(max_new_tokens=args.new_tokens, do_sample=False)
         ref = sdpa.generate(**inputs, **gen)[0, n:]
-        int8 = sdpa.generate(**inputs, **gen, past_key_values=QuantizedKVCache(sdpa.config, 8, 64, 32))[0, n:]
+        int8 = sdpa.generate(**inputs, **gen, **{cache_kwarg(sdpa): QuantizedKVCache(sdpa.config, 8, 64, 32)})[0, n:]
         floor = eager.generate(**inputs, **gen)[0, n:]
         rows.append((n, first_divergence(int8, ref), first_divergence(floor, ref)))
     print(f"SmolLM2-135M {args.dtype}, {args.new_tokens} greedy tokens, int8 G=64 R=32")

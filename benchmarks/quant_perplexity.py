@@ -10,12 +10,15 @@ SmolLM2-135M, pydoc text, prefix 512 tokens prefilled, next 1536 tokens fed one 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
-from eval.perplexity import perplexity_through_cache
-from eval.text_sources import pydoc_text
-from kvpress_lite import build_cache, load_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/ lives in the checkout, not in the wheel
+from eval.perplexity import perplexity_through_cache  # noqa: E402
+from eval.text_sources import pydoc_text  # noqa: E402
+from kvpress_lite import build_cache, load_model  # noqa: E402
 
 SWEEP = [
     ("dynamic", "dynamic", {}),
@@ -42,17 +45,20 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model, tok = load_model("smollm2-135m", dtype=getattr(torch, args.dtype))
     ids = tok(pydoc_text()[:60000], return_tensors="pt").input_ids[:, : args.prefix + args.eval_tokens]
-    print(f"SmolLM2-135M {args.dtype}, prefix {args.prefix}, {ids.shape[1] - args.prefix} tokens, chunk {args.chunk_size}")
-    print("| cache | KV bytes at end | ratio vs dynamic | mean KV bytes | max KV bytes | perplexity | change | decode tok/s |")
+    print(f"SmolLM2-135M {args.dtype}, prefix {args.prefix}, {ids.shape[1] - args.prefix} tokens, "
+          f"chunk {args.chunk_size}; vs dynamic = bytes / DynamicCache's bytes, change = ppl / DynamicCache's - 1")
+    print("| cache | KV bytes at end | vs dynamic | mean KV bytes | max KV bytes | perplexity | change "
+          "| decode tok/s |")
     base = None
     for label, name, params in SWEEP:
         if args.only is not None and name != "dynamic" and label not in args.only:
             continue
         r = perplexity_through_cache(model, ids, build_cache(name, model, **params), args.prefix, args.chunk_size)
         base = base or r
-        print(f"| {label} | {r['kv_bytes']:,} | {base['kv_bytes'] / r['kv_bytes']:.2f}x | {r['kv_bytes_mean']:,.0f} | "
-              f"{r['kv_bytes_max']:,} | {r['perplexity']:.4f} | "
-              f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.2f}% | {r['decode_tokens_per_s']:.1f} |", flush=True)
+        change = 100 * (r["perplexity"] / base["perplexity"] - 1)
+        print(f"| {label} | {r['kv_bytes']:,} | {r['kv_bytes'] / base['kv_bytes']:.3f} | {r['kv_bytes_mean']:,.0f} | "
+              f"{r['kv_bytes_max']:,} | {r['perplexity']:.4f} | {change:+.2f}% | {r['decode_tokens_per_s']:.1f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

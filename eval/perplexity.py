@@ -1,4 +1,4 @@
-"""Perplexity measured through the cache (design.md section 6).
+"""Perplexity measured through the cache (docs/design/measuring.md).
 
 A prefix is prefilled into the cache, then the evaluated tokens are fed through the cache in chunks
 of `chunk_size` tokens, so every evaluated token attends to the compressed history. A single

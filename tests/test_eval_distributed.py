@@ -32,7 +32,8 @@ def test_two_processes_match_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run_recipe(load_recipe(ROOT / "recipes" / "smoke.yaml"), one)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", "29533"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*launcher, "-m", "eval", "recipes/smoke.yaml", f"output_dir={two}", "--no-report"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)

@@ -36,7 +36,8 @@ def test_report_cli_writes_tables_plots_and_dataset(runs_dir, capsys):
     from datasets import load_from_disk
 
     data = load_from_disk(str(folder / "dataset"))
-    assert data.num_rows == 6 and {"label", "strategy", "score", "perplexity", "kv_ratio_vs_dynamic"} <= set(data.column_names)
+    assert data.num_rows == 6
+    assert {"label", "strategy", "score", "perplexity", "kv_ratio_vs_dynamic"} <= set(data.column_names)
     metrics = {json.loads((runs_dir / r["run_dir"] / "metrics.json").read_text())["config_hash"]: r for r in data}
     assert all(r["config_hash"] == h for h, r in metrics.items())
     card = (folder / "dataset" / "README.md").read_text()
@@ -78,7 +79,8 @@ def test_plot_legend_names_every_family_and_the_baseline(tmp_path, monkeypatch):
                 "perplexity": None}
 
     rows = [row("dynamic", {}, 1.0, 1.0), row("h2o", {"ratio": 0.5}, 0.5, 0.6), row("h2o", {"ratio": 0.2}, 0.2, 0.0),
-            row("h2o", {"ratio": 0.5, "average": True}, 0.5, 0.4), row("h2o", {"ratio": 0.2, "average": True}, 0.2, 0.2),
+            row("h2o", {"ratio": 0.5, "average": True}, 0.5, 0.4),
+            row("h2o", {"ratio": 0.2, "average": True}, 0.2, 0.2),
             row("knorm", {"ratio": 0.5}, 0.5, 0.0), row("random", {"ratio": 0.5}, 0.5, 0.0)]
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
@@ -89,6 +91,6 @@ def test_plot_legend_names_every_family_and_the_baseline(tmp_path, monkeypatch):
     lines = [line for line in ax.get_lines() if line.get_label() in legend]
     assert len({line.get_color() for line in lines}) == 4  # one colour per family
     assert "n=20" in ax.get_ylabel() and "exact match" in ax.get_ylabel()
-    knorm, rand = (next(line for line in lines if line.get_label() == name).get_ydata()[0] for name in ("knorm", "random"))
+    knorm, rand = (next(ln for ln in lines if ln.get_label() == name).get_ydata()[0] for name in ("knorm", "random"))
     assert knorm != rand and abs(knorm - rand) < 0.05  # equal scores stay visible, dodged by less than 5% of the range
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

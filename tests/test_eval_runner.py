@@ -35,7 +35,8 @@ def test_run_folders_hold_config_predictions_metrics(smoke_run):
     assert len(result["done"]) == 6 and result["skipped"] == []
     for folder in result["runs"]:
         assert folder.parent.parent.parent == out / "smoke"  # <out>/<recipe>/<model>/<cell>/<label>-<hash>
-        config, metrics = yaml.safe_load((folder / "config.yaml").read_text()), json.loads((folder / "metrics.json").read_text())
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        metrics = json.loads((folder / "metrics.json").read_text())
         lines = (folder / "predictions.jsonl").read_text().splitlines()
         assert folder.name == f"{config['cache']['label']}-{metrics['config_hash']}"
         assert len(lines) == (2 if config["kind"] == "perplexity" else 4)
