@@ -174,6 +174,8 @@ INTERPRET_CASES += [
     ("many-splits", 1, 2, 2, 1, 32, 160, 33, 4, 32, "channel", "float32", [7], 0.0,
      {"num_splits": 7, "block_n": 16}),
     ("plain-convert", 2, 2, 2, 1, 32, 64, 9, 4, 16, "channel", "bfloat16", [0, 3], 0.0, {"magic": False}),
+    ("variant1-int4", 2, 2, 2, 3, 32, 64, 9, 4, 16, "channel", "float32", [0, 3], 0.0, {"variant": 1}),
+    ("variant1-int2-token", 2, 2, 2, 1, 32, 45, 9, 2, 16, "token", "float32", [0, 3], 0.0, {"variant": 1}),
 ]
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
 

@@ -1,0 +1,201 @@
+"""Microbenchmark of the fused decode-attention kernel over packed KIVI storage vs SDPA over bf16 K/V (GPU).
+
+Default shape: 32k tokens x batch 8, 8 KV heads, 32 query heads, head_dim 128, bf16, one query per row (Llama-3.1-8B
+decode, one layer). The quantized history holds T = L - R tokens (R = 128 in full precision, the residual window).
+Prints the device's copy bandwidth (device-to-device copy, bytes read + written), SDPA's time (enable_gqa=True,
+bf16 K/V), the kernel's time per bit width and config (triton.testing.do_bench median, and the same through CUDA
+graph replay, which removes Python launch overhead), bytes read / s, and the speedup; checks the kernel against the
+torch reference at the same shape first.
+
+    python benchmarks/kernel_bench.py                       # full sweep (about 3 minutes on an H200)
+    python benchmarks/kernel_bench.py --quick --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvpress_lite.kernels import quantized_decode_attention  # noqa: E402
+
+
+def make_storage(b, hkv, gq, nq, d, length, residual, bits, group_size, key_mode, dtype, device, seed=0):
+    """Random packed storage of `length` tokens: history T = length - residual, then the residual."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    t = length - residual
+    qmax = (1 << bits) - 1
+    db = d * bits // 8
+    key_param = (b, hkv, t // group_size, d) if key_mode == "channel" else (b, hkv, t, d // group_size)
+    token_param = (b, hkv, t, d // group_size)
+
+    def rnd(shape, lo, hi):
+        return (torch.rand(shape, generator=g, device=device) * (hi - lo) + lo).to(dtype)
+
+    return dict(
+        query=torch.randn((b, hkv * gq, nq, d), generator=g, device=device).to(dtype),
+        key_codes=torch.randint(0, 256, (b, hkv, t, db), generator=g, device=device, dtype=torch.uint8),
+        key_scale=rnd(key_param, 0.2 / qmax, 3.0 / qmax), key_zero=rnd(key_param, -2.0, 0.0),
+        value_codes=torch.randint(0, 256, (b, hkv, t, db), generator=g, device=device, dtype=torch.uint8),
+        value_scale=rnd(token_param, 0.2 / qmax, 3.0 / qmax), value_zero=rnd(token_param, -2.0, 0.0),
+        residual_keys=torch.randn((b, hkv, residual, d), generator=g, device=device).to(dtype),
+        residual_values=torch.randn((b, hkv, residual, d), generator=g, device=device).to(dtype),
+        bits=bits, group_size=group_size, key_mode=key_mode, scaling=d ** -0.5,
+    )
+
+
+def storage_bytes(inp) -> int:
+    """Bytes the kernel must read: codes, scales, zeros, residual, queries (each once)."""
+    return sum(v.numel() * v.element_size() for v in inp.values() if isinstance(v, torch.Tensor))
+
+
+def bench(fn, graph: bool):
+    import triton.testing as tt
+
+    if graph:
+        return tt.do_bench_cudagraph(fn, rep=200, return_mode="median")
+    return tt.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--length", type=int, default=32768)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--q-heads", type=int, default=32)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--queries", type=int, default=1)
+    p.add_argument("--residual", type=int, default=128)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--key-mode", default="channel", choices=["channel", "token"])
+    p.add_argument("--quick", action="store_true", help="default config only, no sweep")
+    p.add_argument("--json", default=None, help="write every measurement here")
+    p.add_argument("--profile", default=None, metavar="JSON",
+                   help="run only this kernel config (a JSON dict) a few times, for ncu; no timing")
+    args = p.parse_args(argv)
+    if args.profile:
+        from kvpress_lite.kernels import triton_decode
+
+        cfg = json.loads(args.profile)
+        for bits in args.bits:
+            inp = make_storage(args.batch, args.kv_heads, args.q_heads // args.kv_heads, args.queries, args.head_dim,
+                               args.length, args.residual, bits, args.group_size, args.key_mode, torch.bfloat16,
+                               torch.device("cuda"))
+            kw = {k_: v_ for k_, v_ in inp.items() if k_ != "key_mode"}
+            for _ in range(3):
+                triton_decode.triton_decode_attention(**kw, kv_start=None, key_per_channel=args.key_mode == "channel",
+                                                      **cfg)
+        torch.cuda.synchronize()
+        return
+    import triton
+
+    from kvpress_lite.kernels import triton_decode
+
+    dev = torch.device("cuda")
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    b, hkv, hq, d, L = args.batch, args.kv_heads, args.q_heads, args.head_dim, args.length
+    gq, nq = hq // hkv, args.queries
+    props = torch.cuda.get_device_properties(dev)
+    info = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+            "triton": triton.__version__, "shape": dict(batch=b, length=L, kv_heads=hkv, q_heads=hq, head_dim=d,
+                                                        queries=nq, residual=args.residual,
+                                                        group_size=args.group_size, key_mode=args.key_mode)}
+    print(json.dumps(info), flush=True)
+    rows = []
+
+    # copy bandwidth: 2 GiB device-to-device, bytes read + written
+    src = torch.randn(2**29, device=dev)
+    dst = torch.empty_like(src)
+    t_copy = bench(lambda: dst.copy_(src), graph=False)
+    copy_bw = 2 * src.numel() * 4 / (t_copy * 1e-3)
+    del src, dst
+    print(f"copy: {t_copy:.3f} ms for 2 x 2 GiB -> {copy_bw / 1e12:.2f} TB/s", flush=True)
+
+    # SDPA over bf16 K/V of the same tokens
+    q = torch.randn(b, hq, nq, d, device=dev, dtype=dtype)
+    k = torch.randn(b, hkv, L, d, device=dev, dtype=dtype)
+    v = torch.randn(b, hkv, L, d, device=dev, dtype=dtype)
+    sdpa_bytes = 2 * k.numel() * 2 + q.numel() * 2
+    sdpa = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+    t_sdpa = bench(sdpa, graph=False)
+    t_sdpa_g = bench(sdpa, graph=True)
+    print(f"SDPA bf16: {t_sdpa:.4f} ms (graph {t_sdpa_g:.4f}), {sdpa_bytes / 1e6:.1f} MB -> "
+          f"{sdpa_bytes / (t_sdpa * 1e-3) / 1e12:.2f} TB/s", flush=True)
+    rows.append(dict(name="sdpa-bf16", ms=t_sdpa, ms_graph=t_sdpa_g, bytes=sdpa_bytes))
+    del k, v
+
+    for bits in args.bits:
+        inp = make_storage(b, hkv, gq, nq, d, L, args.residual, bits, args.group_size, args.key_mode, dtype, dev)
+        nbytes = storage_bytes(inp)
+        kv_start = torch.randint(0, 64, (b,), device=dev)
+        # correctness at the real shape, softcap off and on
+        for cap in (0.0, 50.0):
+            out = quantized_decode_attention(**inp, kv_start=kv_start, softcap=cap, impl="triton")
+            ref = quantized_decode_attention(**inp, kv_start=kv_start, softcap=cap, impl="torch")
+            err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+            print(f"int{bits} check softcap={cap}: rel err {err:.2e} finite={bool(torch.isfinite(out).all())}",
+                  flush=True)
+            assert err < 1e-2 and torch.isfinite(out).all(), "kernel disagrees with the reference"
+        del out, ref
+        args_k = {k_: v_ for k_, v_ in inp.items() if k_ != "key_mode"}
+        args_k["key_per_channel"] = args.key_mode == "channel"
+        if args.quick:
+            configs = [dict()]
+        else:
+            configs = [dict(variant=v, num_warps=w, num_stages=s, num_splits=sp)
+                       for v, w, s, sp in itertools.product((1, 2), (4, 2), (2, 3, 4), (16, 32)) if v == 2 or w == 4]
+        best = None
+        for cfg in configs:
+            fn = lambda cfg=cfg: triton_decode.triton_decode_attention(**args_k, kv_start=None, **cfg)  # noqa: E731
+            try:
+                t0 = time.time()
+                ms = bench(fn, graph=True)
+            except Exception as exc:  # a config that does not compile or fit: report, go on
+                print(f"int{bits} {cfg}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                continue
+            row = dict(name=f"int{bits}", cfg=cfg, ms_graph=ms, bytes=nbytes, wall=time.time() - t0)
+            rows.append(row)
+            print(f"int{bits} {cfg}: {ms:.4f} ms graph, {nbytes / (ms * 1e-3) / 1e12:.2f} TB/s", flush=True)
+            if best is None or ms < best["ms_graph"]:
+                best = row
+        cfg = best["cfg"]
+        fn = lambda: triton_decode.triton_decode_attention(**args_k, kv_start=None, **cfg)  # noqa: E731
+        best["ms"] = bench(fn, graph=False)
+        op = lambda: quantized_decode_attention(**inp, impl="triton")  # noqa: E731
+        best["ms_op"] = bench(op, graph=False)
+        best["ms_plain_convert"] = bench(
+            lambda: triton_decode.triton_decode_attention(**args_k, kv_start=None, magic=False, **cfg), graph=True)
+        best["ms_torch_dequant"] = bench(lambda: quantized_decode_attention(**inp, impl="torch"), graph=False) \
+            if b * L <= 65536 else None
+        rows.append(dict(best, name=f"int{bits}-best"))
+        del inp
+
+    print("\n| what | config | ms (graph) | ms (do_bench) | MB read | TB/s read | % copy bw | vs SDPA |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| copy | 2 x 2 GiB | | {t_copy:.4f} | | {copy_bw / 1e12:.2f} | 100 | |")
+    for r in rows:
+        if r["name"] == "sdpa-bf16" or r["name"].endswith("-best"):
+            ms = r["ms_graph"]
+            bw = r["bytes"] / (ms * 1e-3)
+            print(f"| {r['name']} | {r.get('cfg', '')} | {ms:.4f} | {r.get('ms', 0):.4f} | {r['bytes'] / 1e6:.1f} | "
+                  f"{bw / 1e12:.2f} | {100 * bw / copy_bw:.0f} | {t_sdpa_g / ms:.2f}x |")
+    for r in rows:
+        if r["name"].endswith("-best"):
+            print(f"{r['name']}: op incl. Python launch {r['ms_op']:.4f} ms; plain int->float converts "
+                  f"{r['ms_plain_convert']:.4f} ms (graph)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(info, copy_bw=copy_bw, copy_ms=t_copy, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
