@@ -140,6 +140,10 @@ def family(strategy: str, params: str | dict) -> tuple[str, str, int | None]:
     return strategy, variant, bits
 
 
+def _is_baseline(row: dict) -> bool:
+    return row["strategy"] == "dynamic" and not json.loads(row["params"])
+
+
 def _family_label(strategy: str, variant: str, bits) -> str:
     return " ".join(filter(None, [strategy, variant, f"int{bits}" if bits else ""]))
 
@@ -158,7 +162,8 @@ def _axis_label(cell_rows: list[dict], metric: str) -> str:
 def plot(rows: list[dict], folder: Path) -> list[Path]:
     """Per (model, cell): score or perplexity vs KV ratio. One colour and line per family (strategy + variant),
     a line style and marker per `bits`, the DynamicCache baseline as a black star and a dashed line, a legend
-    beside the axes (no labels over the points). Equal scores are dodged vertically by <= 1.5% of the range."""
+    beside the axes naming the swept ratios/budgets (no labels over the points). Equal scores stay visible: later
+    families are drawn smaller on top and nudged vertically (by <= 0.6% of the range per family)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,8 +177,9 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
         group = [r for r in group if r[metric] is not None]
         if not group:
             continue
-        families = list(dict.fromkeys(family(r["strategy"], r["params"]) for r in group if r["strategy"] != "dynamic"
-                                      or json.loads(r["params"])))
+        others = [r for r in group if not _is_baseline(r)]
+        families = sorted({family(r["strategy"], r["params"]) for r in others},
+                          key=lambda f: (f[0], f[1], -(f[2] or 99)))  # strategy, its variants, then bits high to low
         hues = list(dict.fromkeys((f[0], f[1]) for f in families))
         colors = plt.get_cmap("tab10" if len(hues) <= 10 else "tab20").colors
         values = [r[metric] for r in group]
@@ -183,13 +189,20 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
             hue = hues.index(fam[:2])
             style, marker = _BITS_STYLE.get(fam[2], ("-", "o"))
             marker = marker if fam[2] is not None else _MARKERS[hue % len(_MARKERS)]
-            points = sorted((r["kv_ratio_vs_dynamic"], r[metric]) for r in group
-                            if family(r["strategy"], r["params"]) == fam and not r["strategy"] == "dynamic")
-            dodge = 0.0 if metric == "perplexity" else (i - (len(families) - 1) / 2) * 0.03 * span / len(families)
+            members = [r for r in others if family(r["strategy"], r["params"]) == fam]
+            points = sorted((r["kv_ratio_vs_dynamic"], r[metric]) for r in members)
+            swept = [f"{k} " + ", ".join(f"{v:g}" for v in sorted({json.loads(r["params"])[k] for r in members
+                                                                 if k in json.loads(r["params"])}))
+                     for k in SWEPT if any(k in json.loads(r["params"]) for r in members)]
+            # scores repeat (0.0, 1.0): later families are drawn smaller on top and nudged, so none hides another
+            score = metric == "score"
+            dodge = (i - (len(families) - 1) / 2) * 0.012 * span if score else 0.0
+            size = max(11 - i * 6 / max(len(families) - 1, 1), 5) if score else 6
             x, y = zip(*points)
-            ax.plot(x, [v + dodge for v in y], ls=style, marker=marker, color=colors[hue % len(colors)], lw=1.6, ms=6,
-                    label=_family_label(*fam), alpha=0.9)
-        base = [r for r in group if r["strategy"] == "dynamic" and not json.loads(r["params"])]
+            ax.plot(x, [v + dodge for v in y], ls=style, marker=marker, color=colors[hue % len(colors)], lw=1.6,
+                    ms=size, label=_family_label(*fam) + (f"  ({'; '.join(swept)})" if swept else ""), alpha=0.9,
+                    zorder=2 + i / 100)
+        base = [r for r in group if _is_baseline(r)]
         if base:
             ax.axhline(base[0][metric], color="black", lw=0.9, ls="--", alpha=0.6)
             ax.scatter([base[0]["kv_ratio_vs_dynamic"]], [base[0][metric]], marker="*", s=220, color="black", zorder=4,

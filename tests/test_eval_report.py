@@ -87,10 +87,12 @@ def test_plot_legend_names_every_family_and_the_baseline(tmp_path, monkeypatch):
     (path,) = report.plot(rows, tmp_path)
     ax = figures[0].axes[0]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend == ["h2o", "h2o average=True", "knorm", "random", "DynamicCache (baseline): 1"]
+    assert legend == ["h2o  (ratio 0.2, 0.5)", "h2o average=True  (ratio 0.2, 0.5)", "knorm  (ratio 0.5)",
+                      "random  (ratio 0.5)", "DynamicCache (baseline): 1"]
     lines = [line for line in ax.get_lines() if line.get_label() in legend]
     assert len({line.get_color() for line in lines}) == 4  # one colour per family
     assert "n=20" in ax.get_ylabel() and "exact match" in ax.get_ylabel()
-    knorm, rand = (next(ln for ln in lines if ln.get_label() == name).get_ydata()[0] for name in ("knorm", "random"))
+    knorm, rand = (next(ln for ln in lines if ln.get_label().startswith(name)).get_ydata()[0]
+                   for name in ("knorm", "random"))
     assert knorm != rand and abs(knorm - rand) < 0.05  # equal scores stay visible, dodged by less than 5% of the range
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
