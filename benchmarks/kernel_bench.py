@@ -118,7 +118,7 @@ def main(argv=None):
     dst = torch.empty_like(src)
     t_copy = bench(lambda: dst.copy_(src), graph=False)
     copy_bw = 2 * src.numel() * 4 / (t_copy * 1e-3)
-    del src, dst
+    src = dst = None  # free before the next allocations
     print(f"copy: {t_copy:.3f} ms for 2 x 2 GiB -> {copy_bw / 1e12:.2f} TB/s", flush=True)
 
     # SDPA over bf16 K/V of the same tokens
@@ -132,7 +132,7 @@ def main(argv=None):
     print(f"SDPA bf16: {t_sdpa:.4f} ms (graph {t_sdpa_g:.4f}), {sdpa_bytes / 1e6:.1f} MB -> "
           f"{sdpa_bytes / (t_sdpa * 1e-3) / 1e12:.2f} TB/s", flush=True)
     rows.append(dict(name="sdpa-bf16", ms=t_sdpa, ms_graph=t_sdpa_g, bytes=sdpa_bytes))
-    del k, v
+    k = v = None
 
     for bits in args.bits:
         inp = make_storage(b, hkv, gq, nq, d, L, args.residual, bits, args.group_size, args.key_mode, dtype, dev)
@@ -156,7 +156,7 @@ def main(argv=None):
                        for v, w, s, sp in itertools.product((1, 2), (4, 2), (2, 3, 4), (16, 32)) if v == 2 or w == 4]
         best = None
         for cfg in configs:
-            fn = lambda cfg=cfg: triton_decode.triton_decode_attention(**args_k, kv_start=None, **cfg)  # noqa: E731
+            fn = lambda cfg=cfg, a=args_k: triton_decode.triton_decode_attention(**a, kv_start=None, **cfg)  # noqa: E731
             try:
                 t0 = time.time()
                 ms = bench(fn, graph=True)
@@ -169,16 +169,16 @@ def main(argv=None):
             if best is None or ms < best["ms_graph"]:
                 best = row
         cfg = best["cfg"]
-        fn = lambda: triton_decode.triton_decode_attention(**args_k, kv_start=None, **cfg)  # noqa: E731
-        best["ms"] = bench(fn, graph=False)
-        op = lambda: quantized_decode_attention(**inp, impl="triton")  # noqa: E731
-        best["ms_op"] = bench(op, graph=False)
-        best["ms_plain_convert"] = bench(
-            lambda: triton_decode.triton_decode_attention(**args_k, kv_start=None, magic=False, **cfg), graph=True)
-        best["ms_torch_dequant"] = bench(lambda: quantized_decode_attention(**inp, impl="torch"), graph=False) \
-            if b * L <= 65536 else None
+        def kernel(magic=True, a=args_k, c=cfg):
+            return triton_decode.triton_decode_attention(**a, kv_start=None, magic=magic, **c)
+
+        best["ms"] = bench(kernel, graph=False)
+        best["ms_op"] = bench(lambda i=inp: quantized_decode_attention(**i, impl="triton"), graph=False)
+        best["ms_plain_convert"] = bench(lambda: kernel(magic=False), graph=True)
+        best["ms_torch_dequant"] = (bench(lambda i=inp: quantized_decode_attention(**i, impl="torch"), graph=False)
+                                    if b * L <= 65536 else None)
         rows.append(dict(best, name=f"int{bits}-best"))
-        del inp
+        inp = None
 
     print("\n| what | config | ms (graph) | ms (do_bench) | MB read | TB/s read | % copy bw | vs SDPA |")
     print("|---|---|---|---|---|---|---|---|")

@@ -145,7 +145,8 @@ def quantized_decode_attention(
     if has_hist:
         t = key_codes.shape[2]
         if per_channel and t % group_size:
-            raise ValueError(f"per-channel keys need T={t} quantized tokens to be a multiple of group_size={group_size}")
+            raise ValueError(f"per-channel keys need T={t} quantized tokens to be a multiple of "
+                             f"group_size={group_size}")
         codes_shape = (b, hkv, t, d * bits // 8)
         _check_part("key_codes", key_codes, codes_shape, torch.uint8)
         _check_part("value_codes", value_codes, codes_shape, torch.uint8)

@@ -385,7 +385,7 @@ def _num_sms(device: torch.device) -> int:
 def triton_decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,
                             residual_keys, residual_values, kv_start, bits: int, group_size: int,
                             key_per_channel: bool, scaling: float, softcap: float = 0.0, *,
-                            block_n: int | None = None, num_splits: int | None = None, num_warps: int = 4,
+                            block_n: int | None = None, num_splits: int | None = None, num_warps: int = 2,
                             num_stages: int = 3, magic: bool = True, variant: int = 2) -> torch.Tensor:
     """Triton path of `quantized_decode_attention` (arguments validated by the caller; see reference.py)."""
     b, hq, nq, d = query.shape
