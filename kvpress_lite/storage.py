@@ -23,7 +23,7 @@ from .layer_state import BatchStateMixin
 from .kivi import SUPPORTED_BITS, dequantize_keys, dequantize_values, quantize_keys, quantize_values
 
 KEY_MODES = ("channel", "token")
-TOKEN_FLUSH_BLOCK = 16  # per-token keys: residual tokens are quantized in blocks of 16 (amortizes the history concat)
+TOKEN_FLUSH_BLOCK = 8  # per-token keys: residual tokens are quantized in blocks of 8 (amortizes the history concat)
 
 
 def _positive_int(name: str, value, minimum: int) -> None:
@@ -148,7 +148,7 @@ class QuantizedKV(KVStorage):
     dtype. x = code * scale + zero.
 
     `flush` quantizes the residual's oldest tokens once it holds `residual_length + block` tokens (block = group_size
-    for channel keys, 16 for token keys), leaving between `residual_length` and `residual_length + block - 1` in full
+    for channel keys, 8 for token keys), leaving between `residual_length` and `residual_length + block - 1` in full
     precision; quantized tokens are never re-quantized, except by `keep` with channel keys (see `keep`).
     """
 
