@@ -233,7 +233,8 @@ def _captured_kv(model, ids: torch.Tensor) -> list:
 
 
 def calibrate(model, calibration_ids: torch.Tensor, prefix: int = 256, chunk: int = 16, target_ratio: float = 1.6,
-              t: float = 0.6, retain: float = 0.05, window: int = 32, block: int = 64, log=None) -> CrossLayerPlan:
+              max_ppl_increase: float | None = 0.05, verify: int = 24, t: float = 0.6, retain: float = 0.05,
+              window: int = 32, block: int = 64, sinks: int = 4, log=None) -> CrossLayerPlan:
     """Measure every candidate merge/share on `calibration_ids` `[1, n]` and return a plan reaching `target_ratio`.
 
     Args:
@@ -241,7 +242,10 @@ def calibrate(model, calibration_ids: torch.Tensor, prefix: int = 256, chunk: in
         calibration_ids: `[1, n]` token ids (n > prefix); the first `prefix` are prefilled, the rest scored in chunks.
         target_ratio: stop adding entries once the estimated KV bytes of the compressible layers are this many times
             below DynamicCache's (a share removes one layer; a merge keeps `pair_fraction` of two).
-        t / retain / window / block: the merge settings the candidates are measured (and the plan meant to run) with.
+        max_ppl_increase: None, or a quality budget: each entry is kept only if the plan so far, measured as a whole,
+            stays within this perplexity increase on the calibration text (costs do not add up linearly).
+        verify: how many of the cheapest candidates are tried against the budget (one measurement each).
+        t / retain / window / block / sinks: the merge settings the candidates are measured (and the plan meant to run) with.
         log: optional callable receiving progress lines.
     Returns: a `CrossLayerPlan` whose `info` records each candidate's measured NLL increase and the whole plan's.
     """
@@ -254,7 +258,7 @@ def calibrate(model, calibration_ids: torch.Tensor, prefix: int = 256, chunk: in
     ids = calibration_ids.to(next(model.parameters()).device)
     geometry = ModelGeometry.of(model.config)
     layers = compressible_layers(geometry)
-    settings = dict(t=t, retain=retain, window=window, block=block)
+    settings = dict(t=t, retain=retain, window=window, block=block, sinks=sinks)
 
     def nll(pairs=(), share=None):
         return calibration_nll(model, ids, CrossLayerCache(model, pairs=list(pairs), share=share or {}, **settings),
@@ -278,23 +282,33 @@ def calibrate(model, calibration_ids: torch.Tensor, prefix: int = 256, chunk: in
             log(f"{kind} {x}{'+' if kind == 'merge' else '<-'}{y}: dNLL {delta:+.4f}")
     costs.sort()
     used, producers, pairs, share = set(), set(), [], {}
-    units, total = float(len(layers)), float(len(layers))
-    for _, kind, x, y, _ in costs:
+    units, total, joint = float(len(layers)), float(len(layers)), 0.0
+    budget = None if max_ppl_increase is None else math.log1p(max_ppl_increase)
+    for _, kind, x, y, _ in costs[:verify] if budget is not None else costs:
         if total / units >= target_ratio:
             break
         if kind == "merge" and not {x, y} & (used | producers):
-            pairs.append((x, y))
-            used |= {x, y}
-            units -= 2 * (1 - pair_fraction(geometry.head_dim, retain, block))
+            new_pairs, new_share, saved = [*pairs, (x, y)], share, 2 * (1 - pair_fraction(geometry.head_dim, retain, block))
         elif kind == "share" and x not in used | producers and y not in used:
-            share[x] = y
-            used.add(x)
+            new_pairs, new_share, saved = pairs, {**share, x: y}, 1.0
+        else:
+            continue
+        if budget is not None:
+            delta = nll(new_pairs, new_share) - base
+            if log:
+                log(f"  plan + {kind} {x},{y}: dNLL {delta:+.4f} ({'kept' if delta <= budget else 'rejected'})")
+            if delta > budget:
+                continue
+            joint = delta
+        pairs, share, units = new_pairs, new_share, units - saved
+        used |= {x, y} if kind == "merge" else {x}
+        if kind == "share":
             producers.add(y)
-            units -= 1
-    joint = nll(pairs, share) - base
+    if budget is None:
+        joint = nll(pairs, share) - base
     info = {
         "calibration_tokens": int(ids.shape[1]), "prefix": prefix, "chunk": chunk, "settings": settings,
-        "target_ratio": target_ratio, "estimated_ratio": round(total / units, 3), "base_nll": round(base, 5),
+        "target_ratio": target_ratio, "max_ppl_increase": max_ppl_increase, "estimated_ratio": round(total / units, 3), "base_nll": round(base, 5),
         "plan_dnll": round(joint, 5), "plan_ppl_change": round(math.exp(joint) - 1, 5),
         "candidates": [{"kind": k, "layers": [x, y], "dnll": round(d, 5)} for _, k, x, y, d in costs],
     }
