@@ -54,7 +54,11 @@ def test_unknown_name_fails_in_seconds_naming_the_embedded_models(monkeypatch, s
     """A typo that is neither embedded nor a local path: no retries against a hub that cannot serve it."""
     import time
 
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1" if status == "offline" else "0")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", status == "offline")  # read once at import; CI exports it
     monkeypatch.setattr(models_module, "hub_lookup", lambda name, timeout=3.0: status)
     start = time.perf_counter()
     with pytest.raises(ValueError) as err:
