@@ -121,11 +121,11 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-# --- Attention observation (kvpress_lite.eviction): SDPA and flash return no weights, so policies that rank tokens
-# by attention get the queries through a wrapper registered with transformers' AttentionInterface. ---
+# --- Attention bridge (kvpress_lite.attention_bridge): attention functions never receive the cache, so caches reach
+# the attention of the layer they just updated through a wrapper registered with transformers' AttentionInterface. ---
 
-OBSERVABLE_ATTENTION = ("sdpa", "eager")
-_OBSERVED_PREFIX = "kvpress_lite_observed_"
+BRIDGEABLE_ATTENTION = ("sdpa", "eager")
+_BRIDGED_PREFIX = "kvpress_lite_bridged_"
 
 
 def attention_implementation(model) -> str | None:
@@ -138,10 +138,10 @@ def set_attention_implementation(model, name: str) -> None:
     model.set_attn_implementation(name)
 
 
-def observed_base(name: str | None) -> str | None:
-    """The wrapped implementation of an observed attention name (`"sdpa"`/`"eager"`), or None for other names."""
-    if name and name.startswith(_OBSERVED_PREFIX):
-        return name[len(_OBSERVED_PREFIX) :]
+def bridged_base(name: str | None) -> str | None:
+    """The wrapped implementation of a bridged attention name (`"sdpa"`/`"eager"`), or None for other names."""
+    if name and name.startswith(_BRIDGED_PREFIX):
+        return name[len(_BRIDGED_PREFIX) :]
     return None
 
 
@@ -155,27 +155,28 @@ def _eager_attention_for(module):
     return fn
 
 
-def observed_attention(base: str, observer) -> str:
-    """Register (idempotently) an attention function that runs `base` and then calls
-    `observer(module, query, key, attention_mask, weights, kwargs)`; return its name for `set_attention_implementation`.
+def bridged_attention(base: str, handler) -> str:
+    """Register (idempotently) the attention function `handler(base_fn, module, query, key, value, attention_mask,
+    **kwargs)` as a variant of `base`; return its name for `set_attention_implementation`.
 
-    The observer sees the rotated queries `[B, H_q, q, D]`, the keys attention read `[B, H_kv, P, D]`, the mask
-    transformers built for `base` (4D or None) and `base`'s attention weights (eager) or None (sdpa). The output of
-    `base` is returned unchanged, so a model switched to it behaves exactly as with `base`.
+    `base_fn` is `base`'s own function for the module (transformers' sdpa, or the modeling file's eager function),
+    with transformers' signature `(module, query [B, H_q, q, D], key, value [B, H_kv, P, D], attention_mask, **kwargs)
+    -> (output [B, q, H_q, D], weights or None)`. The mask function of `base` is registered under the same name, so
+    the model builds the masks it builds for `base`.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    if base not in OBSERVABLE_ATTENTION:
-        raise ValueError(f"attn_implementation={base!r} cannot be observed; accepted values: {list(OBSERVABLE_ATTENTION)}")
-    name = _OBSERVED_PREFIX + base
+    if base not in BRIDGEABLE_ATTENTION:
+        raise ValueError(
+            f"attn_implementation={base!r} cannot be bridged; accepted values: {list(BRIDGEABLE_ATTENTION)}"
+        )
+    name = _BRIDGED_PREFIX + base
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         fn = ALL_ATTENTION_FUNCTIONS["sdpa"] if base == "sdpa" else _eager_attention_for(module)
-        output, weights = fn(module, query, key, value, attention_mask, **kwargs)
-        observer(module, query, key, attention_mask, weights, kwargs)
-        return output, weights
+        return handler(fn, module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])

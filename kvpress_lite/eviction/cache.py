@@ -1,12 +1,13 @@
-"""`EvictionCache`: a KV cache that keeps a fixed budget of tokens per layer, ranked by a policy, optionally quantized."""
+"""`EvictionCache`: a KV cache keeping a fixed budget of tokens per layer, ranked by a policy, optionally quantized."""
 
 from __future__ import annotations
 
 import weakref
 
+from .. import attention_bridge
 from ..cache import CompressedCache
+from ..kernels import fused as fused_path
 from ..storage import StorageSpec
-from . import observe
 from .layer import EvictionLayer
 from .policy import EvictionBudget, make_policy
 
@@ -23,9 +24,15 @@ class EvictionCache(CompressedCache):
 
     Example: `model.generate(**inputs, cache=EvictionCache(model, policy="snapkv", ratio=0.25, bits=4))`.
 
-    The cache switches `model` to an observing wrapper of its attention implementation (sdpa or eager), which computes
-    what the policy needs from the queries; `detach()`, leaving `with cache:` or garbage collection restores it. The
-    wrapper returns exactly what the original returns, so the model behaves the same with any other cache meanwhile.
+    The cache attaches to `model`'s attention through `kvpress_lite.attention_bridge` (a wrapper of its sdpa or eager
+    implementation), which hands the queries and mask to the policy; `detach()` or leaving `with cache:` restores it
+    (garbage collection too, as a backstop). While no cache layer is pending the wrapper returns exactly what the
+    original returns, so the model behaves the same with any other cache meanwhile.
+
+    Fused decoding: with `bits` and a policy that needs no attention (knorm, streaming, random), decoding forwards
+    (q <= 16) on CUDA run the Triton kernel over the packed kept slots instead of attention over a dequantized copy
+    (`fused=None`, default); attention-ranked policies (h2o, tova, snapkv) read the full-precision keys to score them,
+    so they keep the dequantized path.
 
     Args:
         model: the `PreTrainedModel` that will run with this cache (decoder-only, sdpa or eager attention, no MLA).
@@ -34,25 +41,33 @@ class EvictionCache(CompressedCache):
         bits: None (full precision, default) or 8, 4, 2: quantize the kept slots (see `storage.StorageSpec`).
         group_size / residual_length / key_mode: quantization layout when `bits` is set (defaults: 32, 8, "token";
             "channel" keys re-quantize the kept history at each eviction, see docs/composition.md).
+        fused: None (auto: on CUDA with triton), True (always, `kernel_impl` on CPU), False (never); see above.
+        kernel_impl: "auto", "triton" or "torch", for the fused op.
         **policy_params: the policy's hyperparameters (e.g. `window=`, `kernel=` for snapkv, `seed=` for random).
     Storage per full-attention layer: `[batch, kv_heads, P, head_dim]` slots with P <= budget + slack.
     """
 
     def __init__(self, model, policy: str = "h2o", budget: int | None = None, ratio: float | None = None,
                  sinks: int = 4, recent: int = 16, slack: int | None = None, bits: int | None = None,
-                 group_size: int = 32, residual_length: int = 8, key_mode: str = "token", **policy_params):
+                 group_size: int = 32, residual_length: int = 8, key_mode: str = "token", fused: bool | None = None,
+                 kernel_impl: str = "auto", **policy_params):
         if not hasattr(model, "set_attn_implementation"):
             raise ValueError(
                 f"model must be a transformers PreTrainedModel (EvictionCache observes its attention), got "
                 f"{type(model).__name__}"
             )
+        fused_path.check_options(fused, kernel_impl)
         self.policy = make_policy(policy, **policy_params)
         self.spec = EvictionBudget(budget, ratio, sinks, recent, slack)
         self.storage = StorageSpec(bits, group_size, residual_length, key_mode)
         super().__init__(model)
         self.storage.check_head_dim(self.geometry.head_dim)
-        observe.attach(model)
-        self._detach = weakref.finalize(self, observe.detach, weakref.ref(model))
+        self.attachment = attention_bridge.attach(model, "EvictionCache")
+        self._detach = weakref.finalize(self, self.attachment.detach)  # backstop: detach() / `with` is the scope
+        if self.storage.quantized and self.storage.key_mode == "token" and fused_path.wants_bridge(fused, model):
+            for layer in self.layers:
+                if isinstance(layer, EvictionLayer):
+                    layer.fused_decode = (self.attachment, kernel_impl)
 
     def full_attention_layer(self, layer_idx: int) -> EvictionLayer:
         return EvictionLayer(self.policy, self.spec, layer_idx, self.storage)

@@ -95,9 +95,11 @@ class EvictionLayer(BatchStateMixin, CacheLayerMixin):
             self.scores = torch.cat([self.scores, self.scores.new_zeros(B, H, q)], dim=-1)
         self.length += q
         self._pending = True
-        self._read = self.store.read()
-        observe.expect(self)
-        return self._read
+        fused = observe.fuses(self, q)  # attention runs the kernel over the packed store: no dequantized copy
+        self._read = None if fused else self.store.read()
+        returned = (self.store.keys, self.store.values) if fused else self._read
+        observe.expect(self, returned[0], fused)
+        return returned
 
     def observe(self, query, key, attention_mask=None, weights=None, scaling=None, softcap=None) -> None:
         """After attention: learn new pads from the mask, update scores, evict if over budget.
@@ -109,9 +111,9 @@ class EvictionLayer(BatchStateMixin, CacheLayerMixin):
             weights: eager attention's probabilities `[B, H_q, q, P]`, or None (sdpa).
         """
         self._pending = False
-        keys, values = self._read
+        keys, values = self._read or (None, None)  # None after a fused forward (only policies without attention)
         self._read = None
-        q, P = query.shape[-2], keys.shape[-2]
+        q, P = query.shape[-2], self.store.length
         is_real = observe.real_keys(attention_mask)  # [B, P] or None
         query_real = None
         if is_real is not None:

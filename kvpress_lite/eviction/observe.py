@@ -1,67 +1,66 @@
 """Seeing what attention saw: the queries, the mask and (cheaply) the attention mass eviction policies rank by.
 
-SDPA returns no attention weights, and the cache never sees queries. An `EvictionCache` therefore switches its model
-to a registered wrapper of the model's own implementation (`sdpa` or `eager`, see `_compat.observed_attention`) that
-runs it unchanged and then hands `(query, key, mask, weights)` to the cache layer that has just returned `key` from
-`update` (models call `cache.update(...)` immediately before attention, in the same module and thread). The switch
-is reference-counted per model and undone by `EvictionCache.detach()`, on leaving `with cache:`, or when the cache is
-garbage-collected; while it lasts the model computes exactly what its base implementation computes.
+SDPA returns no attention weights, and the cache never sees queries. An `EvictionLayer` therefore leaves itself
+pending on `kvpress_lite.attention_bridge` in `update` (`expect`), and the bridge's wrapper of the model's own
+attention (`sdpa` or `eager`), installed by `EvictionCache` (`attention_bridge.attach`), runs
+`_EvictionAttention.attend`: the model's attention (or, for a quantized store while decoding with a policy that needs
+no attention, the fused kernel over the packed storage), then `layer.observe(query, key, mask, weights)`. While no
+layer is pending the wrapper computes exactly what its base implementation computes.
 """
 
 from __future__ import annotations
 
-import threading
-import weakref
-
 import torch
 
-from .. import _compat
+from .. import attention_bridge
+from ..kernels import fused as fused_path
 
-_pending = threading.local()  # .layer: the EvictionLayer whose `update` ran last and awaits its attention
-_attached: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> [attachments, original implementation]
 QUERY_BLOCK = 256  # queries scored at once: bounds the transient to [B, H_q, 256, P] fp32 at prefill
 
 
-def expect(layer) -> None:
-    """Mark `layer` as waiting for the attention of the forward whose keys it just returned."""
-    _pending.layer = layer
+class _EvictionAttention:
+    """What the bridge runs for one pending `EvictionLayer` forward: attention, then `layer.observe`."""
+
+    __slots__ = ("layer", "fused", "kernel_impl")
+
+    def __init__(self, layer, fused: bool, kernel_impl: str):
+        self.layer, self.fused, self.kernel_impl = layer, fused, kernel_impl
+
+    @property
+    def layer_idx(self) -> int:
+        return self.layer.layer_idx
+
+    def attend(self, base, module, query, key, value, attention_mask, **kwargs):
+        output, weights = None, None
+        if self.fused:
+            output = fused_path.attend_store(self.layer.store, query, attention_mask, kwargs, self.kernel_impl)
+            if output is None:  # a mask/kwargs the kernel does not compute: base attention over a dequantized copy
+                key, value = self.layer.store.read()
+        if output is None:
+            output, weights = base(module, query, key, value, attention_mask, **kwargs)
+        self.layer.observe(query, key, attention_mask, weights, scaling=kwargs.get("scaling"),
+                           softcap=kwargs.get("softcap"))
+        return output, weights
 
 
-def _dispatch(module, query, key, attention_mask, weights, kwargs) -> None:
-    layer = getattr(_pending, "layer", None)
-    if layer is None or getattr(module, "layer_idx", layer.layer_idx) != layer.layer_idx:
-        return
-    _pending.layer = None
-    layer.observe(query, key, attention_mask, weights, scaling=kwargs.get("scaling"), softcap=kwargs.get("softcap"))
+def fuses(layer, q: int) -> bool:
+    """True if `layer`'s forward of `q` queries should run the fused kernel over its quantized store.
+
+    Only for policies that need no attention scores (knorm, streaming, random): attention-ranked policies score
+    every slot from the queries, which needs the full-precision keys anyway. Enabled per layer by `EvictionCache`
+    (`layer.fused_decode = (attachment, kernel_impl)`).
+    """
+    options = getattr(layer, "fused_decode", None)
+    if options is None or not options[0].active or layer.policy.uses_attention:
+        return False
+    return fused_path.fusable(layer.store, q, options[1])
 
 
-def attach(model) -> None:
-    """Switch `model` to the observed version of its attention implementation (reference-counted)."""
-    entry = _attached.get(model)
-    if entry is not None:
-        entry[0] += 1
-        return
-    current = _compat.attention_implementation(model)
-    base = _compat.observed_base(current) or current
-    if base not in _compat.OBSERVABLE_ATTENTION:
-        raise ValueError(
-            f"attn_implementation={current!r} is not supported by EvictionCache (it must observe queries); "
-            f"accepted values: {list(_compat.OBSERVABLE_ATTENTION)}. Load the model with attn_implementation='sdpa'."
-        )
-    _compat.set_attention_implementation(model, _compat.observed_attention(base, _dispatch))
-    _attached[model] = [1, current]
-
-
-def detach(model_ref: "weakref.ref") -> None:
-    """Undo one `attach`; the last one restores the model's original attention implementation."""
-    model = model_ref()
-    entry = None if model is None else _attached.get(model)
-    if entry is None:
-        return
-    entry[0] -= 1
-    if entry[0] == 0:
-        del _attached[model]
-        _compat.set_attention_implementation(model, entry[1])
+def expect(layer, key: torch.Tensor, fused: bool = False) -> None:
+    """Mark `layer` as waiting for the attention of the forward whose keys (`key`, what `update` returns) it just
+    returned; `fused`: the attention runs the kernel over the packed store (see `fuses`)."""
+    options = getattr(layer, "fused_decode", None)
+    attention_bridge.expect(_EvictionAttention(layer, fused, options[1] if options else "auto"), key)
 
 
 def real_keys(attention_mask: torch.Tensor | None) -> torch.Tensor | None:

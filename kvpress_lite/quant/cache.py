@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import weakref
+
+from .. import attention_bridge
 from ..cache import CompressedCache
+from ..kernels import fused as fused_path
 from ..registry import register
 from ..storage import StorageSpec
 from .layer import QuantizedKVLayer
@@ -13,25 +17,70 @@ class QuantizedKVCache(CompressedCache):
 
     Example: `model.generate(**inputs, cache=QuantizedKVCache(model, bits=4))`.
 
+    Fused decoding needs the model: built from a model on CUDA (with triton installed), the cache attaches to the
+    model's attention through `kvpress_lite.attention_bridge`, and decoding forwards (q <= 16) run the Triton kernel
+    over the packed codes (`kvpress_lite.kernels`) instead of attention over a dequantized copy of the history; the
+    prompt's forward keeps the model's attention. Built from a config there is no model to attach to, and every
+    forward dequantizes (the torch path). `detach()` or `with cache:` gives the model back its attention
+    implementation (meanwhile the model computes exactly what it computes without the bridge, with any cache).
+
     Args:
-        model_or_config: the model (or its `PreTrainedConfig`) the cache will run with.
+        model_or_config: the model (or its `PreTrainedConfig`: no fused path) the cache will run with.
         bits: 8, 4 or 2. Bytes/element ~ bits/8 + 4/group_size (16-bit scale and zero).
         group_size: tokens per key group, channels per value group; must divide head_dim.
         residual_length: most recent tokens kept in full precision (>= 0).
+        fused: None (default: fused when the model is on CUDA and triton imports), True (always, given the model;
+            on CPU the op runs `kernel_impl`), False (never).
+        kernel_impl: "auto", "triton" or "torch" (the reference), for the fused op.
     Paper: KIVI, https://arxiv.org/abs/2402.02750
     """
 
-    def __init__(self, model_or_config, bits: int = 4, group_size: int = 64, residual_length: int = 128):
+    def __init__(self, model_or_config, bits: int = 4, group_size: int = 64, residual_length: int = 128,
+                 fused: bool | None = None, kernel_impl: str = "auto"):
         if bits is None:
             raise ValueError("bits=None is not supported by QuantizedKVCache; accepted values: [2, 4, 8] "
                              "(use the `dynamic` strategy for full precision)")
+        fused_path.check_options(fused, kernel_impl)
+        is_model = hasattr(model_or_config, "set_attn_implementation")
+        if fused and not is_model:
+            raise ValueError("fused=True needs the model: QuantizedKVCache(model, ...) (a config has no attention to "
+                             "attach the fused kernel to)")
         self.spec = StorageSpec(bits, group_size, residual_length, key_mode="channel")
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
+        self.kernel_impl = kernel_impl
         super().__init__(model_or_config)
         self.spec.check_head_dim(self.geometry.head_dim)
+        self.attachment = None
+        if is_model and fused_path.wants_bridge(fused, model_or_config):
+            try:
+                self.attachment = attention_bridge.attach(model_or_config, "QuantizedKVCache(fused=True)")
+            except ValueError:
+                if fused:
+                    raise
+            if self.attachment is not None:  # backstop only: detach() / `with cache:` is the scoped way
+                self._finalizer = weakref.finalize(self, self.attachment.detach)
+                for layer in self.layers:
+                    if isinstance(layer, QuantizedKVLayer):
+                        layer.attachment = self.attachment
+
+    @property
+    def fused(self) -> bool:
+        """True while decoding runs the fused kernel (attached to the model's attention)."""
+        return self.attachment is not None and self.attachment.active
+
+    def detach(self) -> None:
+        """Give the model back its attention implementation (idempotent); later forwards dequantize."""
+        if self.attachment is not None:
+            self.attachment.detach()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
 
     def full_attention_layer(self, layer_idx: int) -> QuantizedKVLayer:
-        return QuantizedKVLayer(self.bits, self.group_size, self.residual_length)
+        return QuantizedKVLayer(self.bits, self.group_size, self.residual_length, layer_idx, self.kernel_impl)
 
 
 register("quantized", "quantization", "KIVI-layout int8/int4/int2 KV, full-precision recent window")(QuantizedKVCache)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import attention_bridge
 from .._compat import CacheLayerMixin
+from ..kernels import fused as fused_path
 from ..layer_state import BatchStateMixin
 from ..storage import StorageSpec
 
@@ -21,22 +23,36 @@ class QuantizedKVLayer(BatchStateMixin, CacheLayerMixin):
         bits: code width, one of 2, 4, 8 (int4/int2 are packed into bytes).
         group_size: tokens per key group and channels per value group.
         residual_length: most recent tokens always kept in full precision.
+        layer_idx: the model layer this cache layer serves (matched against the attention module by the bridge).
+        kernel_impl: implementation of the fused decode op ("auto", "triton", "torch"; see `kernels`).
     Storage: `self.store`, a `kvpress_lite.storage.QuantizedKV`.
+
+    Fused decoding: while `self.attachment` (an `attention_bridge.Attachment`, set by `QuantizedKVCache`) is active,
+    `update` leaves the layer pending on the bridge and `attend` runs the model's attention. A decoding forward
+    (q <= 16) over a non-empty history then skips the dequantization: `update` returns only the residual and `attend`
+    runs `quantized_decode_attention` over the packed storage. Fusing starts only once a previous forward of this
+    layer reached `attend` (so a model that bypasses the bridge never gets the residual alone), and a fused forward
+    whose attention did not come through the bridge makes the next `update` raise. Flushes happen after attention,
+    so this forward's tokens are read in full precision on both paths.
     """
 
     is_sliding = False
     is_croppable = False
     state_names = ("store",)
 
-    def __init__(self, bits: int = 4, group_size: int = 64, residual_length: int = 128):
+    def __init__(self, bits: int = 4, group_size: int = 64, residual_length: int = 128, layer_idx: int = 0,
+                 kernel_impl: str = "auto"):
         super().__init__()
         self.spec = StorageSpec(bits, group_size, residual_length, key_mode="channel")
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
+        self.layer_idx, self.kernel_impl = layer_idx, kernel_impl
+        self.attachment = None
         self._clear()
 
     def _clear(self) -> None:
         self.store = self.spec.new()
         self.is_initialized = False
+        self._pending = self._fused = self._bridge_seen = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -49,12 +65,44 @@ class QuantizedKVLayer(BatchStateMixin, CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append `[B, H, q, D]` states; return all keys/values `[B, H, T_q + R', D]` for attention."""
+        if self._pending:  # the previous forward's attention did not come through the bridge
+            self._pending, self._bridge_seen = False, False
+            self.store.flush()
+            if self._fused:
+                raise RuntimeError(
+                    f"QuantizedKVLayer {self.layer_idx}: the previous decoding forward returned only the residual for "
+                    "the fused kernel, but its attention did not run through kvpress_lite's attention bridge (the "
+                    "cache was detached, the model's attn_implementation was changed, or another model runs the "
+                    "cache). Build the cache with the model that runs it, or pass fused=False."
+                )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.store.append(key_states, value_states)
+        if self.attachment is not None and self.attachment.active:
+            self._fused = self._bridge_seen and fused_path.fusable(self.store, key_states.shape[-2], self.kernel_impl)
+            out = (self.store.keys, self.store.values) if self._fused else self.store.read()
+            self._pending = True
+            attention_bridge.expect(self, out[0])
+            return out
         out = self.store.read()  # before the flush: this forward's tokens are read in full precision
         self.store.flush()
         return out
+
+    def attend(self, base, module, query, key, value, attention_mask, **kwargs):
+        """Run this layer's attention (called by the attention bridge): the fused kernel over the packed storage when
+        `update` chose it, else `base` (the model's own sdpa/eager) over what `update` returned; then flush."""
+        self._pending, self._bridge_seen = False, True
+        result = None
+        if self._fused:
+            out = fused_path.attend_store(self.store, query, attention_mask, kwargs, self.kernel_impl)
+            if out is not None:
+                result = (out, None)
+            else:  # a mask/kwargs the kernel does not compute: the model's attention over a dequantized copy
+                key, value = self.store.read()
+        if result is None:
+            result = base(module, query, key, value, attention_mask, **kwargs)
+        self.store.flush()
+        return result
 
     def get_seq_length(self) -> int:
         """Tokens cached (quantized + residual)."""
