@@ -1,17 +1,24 @@
-"""Decode speed and peak memory of each cache at Llama-3.1-8B shape on one GPU (random bf16 weights).
+"""Decode step time, KV bytes and peak memory of each cache at Llama-3.1-8B shape on one GPU (random bf16 weights).
 
-Weights are random (no trained weights are needed for speed); SDPA attention; `model.generate`
-greedy with a fixed number of new tokens. ms/step = (t(prompt + N new) - t(prompt + 1 new)) / (N - 1),
-best of `--repeats` after a warm-up, all caches in one process. Peaks = max_memory_allocated minus the
-weights, during prefill (+1 token) and during the whole generate, one cache alive at a time.
+Method (docs/design/measuring.md): per (length, batch), one cache alive at a time, all rows from one process:
+prefill the prompt in one forward (`logits_to_keep=1`), then greedy decoding forwards; each decode forward is timed
+with CUDA events around the forward alone (no `generate` bookkeeping, no prefill in the figure), after `--warm`
+untimed decode steps at the same shape; ms/step is the median of `--steps` timed steps. KV GiB = `cache_nbytes` after
+the last step; peak = `max_memory_allocated` above the weights over prefill + decoding.
 
-    python benchmarks/gpu_decode.py --lengths 8192 32768 --batches 1 8 --new-tokens 64
+Capacity (`--capacity-length`): the largest batch whose decode runs at that length, per cache. To keep the lease
+short the prompt is prefilled once (batch 1) and the cache is replicated to batch B with `batch_repeat_interleave`
+(the same bytes a batch-B prefill leaves; the prefill's own activation peak at batch B is not part of it); B starts
+from the measured bytes per row and shrinks by 12% after an out-of-memory error.
+
+    python benchmarks/gpu_decode.py --grid 8192x1 8192x8 32768x1 32768x4 --capacity-length 32768
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -20,13 +27,14 @@ from kvpress_lite import build_cache, cache_nbytes
 from kvpress_lite._compat import cache_kwarg
 
 CACHES = {
-    "dynamic": ("dynamic", {}),
-    "kvpress_lite int8": ("quantized", {"bits": 8}),
-    "kvpress_lite int4": ("quantized", {"bits": 4}),
+    "DynamicCache": ("dynamic", {}),
     "QuantizedCache quanto int4": ("hf-quantized", {"backend": "quanto", "bits": 4}),
-    "h2o ratio 0.5": ("h2o", {"ratio": 0.5}),
-    "knorm ratio 0.5": ("knorm", {"ratio": 0.5}),
+    "ours int8": ("quantized", {"bits": 8}),
+    "ours int4": ("quantized", {"bits": 4}),
+    "ours int4, dequantize path": ("quantized", {"bits": 4, "fused": False}),
+    "snapkv 0.25 + int4": ("snapkv", {"ratio": 0.25, "bits": 4}),
 }
+CAPACITY_CACHES = ["DynamicCache", "ours int8", "ours int4", "snapkv 0.25 + int4"]  # quanto: see --help
 
 
 def build_model(layers: int):
@@ -46,7 +54,8 @@ def build_model(layers: int):
 
 
 def timed_generate(model, ids, name, params, new_tokens, prefill_chunk_size=None):
-    """Greedy generate of exactly `new_tokens` with a fresh cache `name(**params)`: (seconds, cache)."""
+    """Greedy generate of exactly `new_tokens` with a fresh cache `name(**params)`: (seconds, cache).
+    (Used by prefill_memory.py; this script times decode forwards directly, see `decode`.)"""
     cache = build_cache(name, model, **params)
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -56,59 +65,171 @@ def timed_generate(model, ids, name, params, new_tokens, prefill_chunk_size=None
     return time.perf_counter() - start, cache
 
 
+@torch.no_grad()
+def prefill(model, cache, ids):
+    """One forward over the prompt; returns the first generated token `[B, 1]`."""
+    out = model(input_ids=ids, logits_to_keep=1, use_cache=True, **{cache_kwarg(model): cache})
+    return out.logits[:, -1:].argmax(-1)
+
+
+@torch.no_grad()
+def decode(model, cache, token, warm: int, steps: int) -> list[float]:
+    """`warm` untimed then `steps` timed greedy decode forwards; ms of each timed forward (CUDA events)."""
+    kwarg = cache_kwarg(model)
+    events = []
+    for i in range(warm + steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = model(input_ids=token, logits_to_keep=1, use_cache=True, **{kwarg: cache})
+        end.record()
+        token = out.logits[:, -1:].argmax(-1)
+        if i >= warm:
+            events.append((start, end))
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in events]
+
+
+def release(cache) -> None:
+    if hasattr(cache, "detach"):
+        cache.detach()
+
+
+def measure(model, ids, label, weights, warm, steps) -> dict:
+    name, params = CACHES[label]
+    batch, length = ids.shape
+    row = dict(cache=label, length=length, batch=batch)
+    cache = None
+    try:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        cache = build_cache(name, model, **params)
+        token = prefill(model, cache, ids)
+        ms = decode(model, cache, token, warm, steps)
+        row.update(ms_per_step=statistics.median(ms), ms_min=min(ms), ms_max=max(ms),
+                   kv_gib=cache_nbytes(cache) / 2**30,
+                   peak_gib=(torch.cuda.max_memory_allocated() - weights) / 2**30,
+                   fused=bool(getattr(cache, "fused", False)))
+    except Exception as err:  # report and go on: one failing cache must not cost the lease
+        row["error"] = repr(err)[:300]
+    finally:
+        if cache is not None:
+            release(cache)
+        del cache
+        torch.cuda.empty_cache()
+    return row
+
+
+def fits(model, ids1, label, batch, warm, steps, weights) -> dict | None:
+    """Decode at `batch` rows replicated from a batch-1 prefill of `ids1`; None on out-of-memory."""
+    name, params = CACHES[label]
+    cache = None
+    try:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        cache = build_cache(name, model, **params)
+        token = prefill(model, cache, ids1)
+        cache.batch_repeat_interleave(batch)
+        ms = decode(model, cache, token.repeat_interleave(batch, 0), warm, steps)
+        step = statistics.median(ms)
+        return dict(cache=label, length=ids1.shape[1], batch=batch, ms_per_step=step,
+                    tokens_per_s=batch * 1000 / step, kv_gib=cache_nbytes(cache) / 2**30,
+                    peak_gib=(torch.cuda.max_memory_allocated() - weights) / 2**30)
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        if cache is not None:
+            release(cache)
+        del cache
+        torch.cuda.empty_cache()
+
+
+def capacity(model, length, label, per_row_gib, weights, args) -> dict:
+    total = torch.cuda.get_device_properties(0).total_memory
+    free_gib = (total - weights) / 2**30 - args.margin_gib
+    batch = min(args.max_batch, max(1, int(free_gib / per_row_gib)))
+    ids1 = torch.randint(1000, 100000, (1, length), device="cuda")
+    tried = []
+    for _ in range(args.capacity_tries):
+        tried.append(batch)
+        row = fits(model, ids1, label, batch, 2, args.capacity_steps, weights)
+        if row is not None:
+            row["tried"] = tried
+            row["capped"] = batch == args.max_batch
+            return row
+        batch = max(1, int(batch * 0.88))
+    return dict(cache=label, length=length, error=f"out of memory at batches {tried}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[8192])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1])
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--grid", nargs="+", default=["8192x1", "8192x8", "32768x1", "32768x4"],
+                        help="LENGTHxBATCH points")
     parser.add_argument("--caches", nargs="+", default=list(CACHES))
+    parser.add_argument("--warm", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--capacity-length", type=int, default=0, help="0: no capacity search")
+    parser.add_argument("--capacity-caches", nargs="+", default=CAPACITY_CACHES,
+                        help="quanto's QuantizedCache cannot be replicated along batch (its quantized tensors are "
+                             "not repeated by batch_repeat_interleave), so it is left out")
+    parser.add_argument("--capacity-steps", type=int, default=6)
+    parser.add_argument("--capacity-tries", type=int, default=4)
+    parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--margin-gib", type=float, default=6.0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    import transformers
+    import triton
+
     model = build_model(args.layers)
     weights = torch.cuda.memory_allocated()
-    print(f"GPU {torch.cuda.get_device_name()} torch {torch.__version__} weights {weights / 2**30:.2f} GiB")
+    print(f"GPU {torch.cuda.get_device_name()} torch {torch.__version__} transformers {transformers.__version__} "
+          f"triton {triton.__version__} weights {weights / 2**30:.2f} GiB", flush=True)
+    short = torch.randint(1000, 100000, (2, 512), device="cuda")
+    for label in args.caches:  # warm-up: kernels compiled, allocator primed, for every cache
+        measure(model, short, label, weights, 2, 2)
     rows = []
-    for length in args.lengths:
-        for batch in args.batches:
-            ids = torch.randint(1000, 100000, (batch, length), device="cuda")
-            for label in args.caches:
-                name, params = CACHES[label]
-                cache = None
-                try:
-                    timed_generate(model, ids[:, :256], name, params, 4)  # warm-up
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                    short = min(timed_generate(model, ids, name, params, 1)[0] for _ in range(args.repeats))
-                    prefill_peak = torch.cuda.max_memory_allocated() - weights
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                    long_s = float("inf")
-                    for _ in range(args.repeats):  # one cache alive at a time, so the peak is one run's
-                        seconds, cache = timed_generate(model, ids, name, params, args.new_tokens)
-                        long_s, kv_bytes, cache = min(long_s, seconds), cache_nbytes(cache), None
-                    peak = torch.cuda.max_memory_allocated() - weights
-                    row = dict(cache=label, length=length, batch=batch,
-                               ms_per_step=1000 * (long_s - short) / (args.new_tokens - 1),
-                               prefill_s=short, prefill_peak_gib=prefill_peak / 2**30, peak_gib=peak / 2**30,
-                               kv_gib=kv_bytes / 2**30)
-                except Exception as err:  # report and go on: one failing cache must not cost the lease
-                    row = dict(cache=label, length=length, batch=batch, error=repr(err)[:200])
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                del cache
-                torch.cuda.empty_cache()
-    print("| cache | length | batch | ms/step | prefill s | KV GiB | prefill peak GiB | generate peak GiB |")
+    for point in args.grid:
+        length, batch = (int(x) for x in point.split("x"))
+        ids = torch.randint(1000, 100000, (batch, length), device="cuda")
+        for label in args.caches:
+            row = measure(model, ids, label, weights, args.warm, args.steps)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    cap_rows = []
+    if args.capacity_length:
+        for label in args.capacity_caches:
+            ref = [r for r in rows if r["cache"] == label and r["length"] == args.capacity_length and "kv_gib" in r]
+            per_row = min(r["kv_gib"] / r["batch"] for r in ref) if ref else 4.5
+            row = capacity(model, args.capacity_length, label, per_row, weights, args)
+            cap_rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    print("\n| length x batch | cache | ms/step | vs DynamicCache | vs quanto int4 | KV GiB | peak above weights GiB |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['cache']} | {r['length']} | {r['batch']} | error: {r['error']} |")
-        else:
-            print(f"| {r['cache']} | {r['length']} | {r['batch']} | {r['ms_per_step']:.1f} | {r['prefill_s']:.2f} | "
-                  f"{r['kv_gib']:.2f} | {r['prefill_peak_gib']:.2f} | {r['peak_gib']:.2f} |")
+            print(f"| {r['length']} x {r['batch']} | {r['cache']} | error: {r['error'][:120]} | | | | |")
+            continue
+        same = {x["cache"]: x for x in rows if x["length"] == r["length"] and x["batch"] == r["batch"]
+                and "ms_per_step" in x}
+        ratio = {k: (same[k]["ms_per_step"] / r["ms_per_step"]) if k in same else float("nan")
+                 for k in ("DynamicCache", "QuantizedCache quanto int4")}
+        print(f"| {r['length']} x {r['batch']} | {r['cache']} | {r['ms_per_step']:.2f} | "
+              f"{ratio['DynamicCache']:.2f}x | {ratio['QuantizedCache quanto int4']:.2f}x | {r['kv_gib']:.2f} | "
+              f"{r['peak_gib']:.2f} |")
+    if cap_rows:
+        print(f"\n| cache | largest batch at {args.capacity_length} | ms/step | tokens/s | KV GiB | peak GiB | tried |")
+        print("|---|---|---|---|---|---|---|")
+        for r in cap_rows:
+            if "error" in r:
+                print(f"| {r['cache']} | {r['error']} | | | | | |")
+            else:
+                print(f"| {r['cache']} | {r['batch']}{' (cap)' if r['capped'] else ''} | {r['ms_per_step']:.1f} | "
+                      f"{r['tokens_per_s']:.0f} | {r['kv_gib']:.1f} | {r['peak_gib']:.1f} | {r['tried']} |")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=1)
+            json.dump({"grid": rows, "capacity": cap_rows}, handle, indent=1)
 
 
 if __name__ == "__main__":
