@@ -1,9 +1,11 @@
 """kvpress_lite: compressed KV caches for Hugging Face transformers 5.x.
 
-Pass a cache to `model.generate(..., past_key_values=cache)`; see README.md for strategies and results.
+Pass a cache to `model.generate(..., cache=cache)` (transformers >= 5.24; `past_key_values=` before); see README.md
+for strategies and results.
 """
 
 from . import baselines  # noqa: F401  (registers the reference caches)
+from .crosslayer import CrossLayerCache
 from .eviction import EvictionCache, HeavyHitterCache
 from .memory import cache_nbytes
 from .models import EMBEDDED_MODELS, load_model
@@ -14,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EMBEDDED_MODELS",
+    "CrossLayerCache",
     "EvictionCache",
     "HeavyHitterCache",
     "STRATEGIES",

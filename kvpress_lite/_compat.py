@@ -1,6 +1,6 @@
 """Every touch of transformers internals lives here (supported: transformers >=5.17,<6).
 
-Known breaks across the supported range (see design.md section 3): 5.18 `DynamicLayer.reset` drops
+Known breaks across the supported range (see docs/design/cache-contract.md): 5.18 `DynamicLayer.reset` drops
 tensors, 5.19 per-layer kwargs from `get_layer_types_and_kwargs`, 5.20 positive `crop(n)` raises,
 5.23 `DummyLayer`. Code elsewhere imports layer classes and helpers from this module only.
 """

@@ -369,7 +369,7 @@ def test_real_eviction_equals_explicitly_masked_reference(arch, impl, policy):
     cache = EvictionCache(model, policy=policy, budget=7, sinks=1, recent=2, slack=0, **POLICY_PARAMS.get(policy, {}))
     ref_cache = DynamicCache(config=reference.config)
     kwarg = cache_kwarg(model)
-    worst, evicted_seen, total_mask = 0.0, False, mask
+    worst, evicted_seen, total_mask, next_token = 0.0, False, mask, None
     with torch.no_grad():
         for step in range(8):  # three prefill chunks of 5 tokens, then greedy decoding
             if step < 3:

@@ -16,9 +16,10 @@ from kvpress_lite.registry import FAMILIES
 
 README = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
 # Params a strategy needs to build on the tiny model (eviction needs a budget; the rest has defaults).
-REQUIRED = {"eviction": {"budget": 24}, "quantization": {"group_size": 16}, "baseline": {}}
+REQUIRED = {"eviction": {"budget": 24}, "quantization": {"group_size": 16}, "cross-layer": {"start": 0}, "baseline": {}}
 # Params under which a strategy keeps every token in full precision (prompts + new tokens < 100 here).
-LOSSLESS = {"eviction": {"budget": 1000}, "quantization": {"group_size": 16, "residual_length": 1000}, "baseline": {}}
+LOSSLESS = {"eviction": {"budget": 1000}, "quantization": {"group_size": 16, "residual_length": 1000},
+            "cross-layer": {"start": 0, "window": 1000}, "baseline": {}}  # cross-layer merges tokens leaving the window
 # transformers' QuantizedCache quantizes its first prefill whatever the window: never lossless.
 NOT_LOSSLESS = {"hf-quantized"}
 

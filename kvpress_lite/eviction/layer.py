@@ -19,7 +19,7 @@ class EvictionLayer(BatchStateMixin, CacheLayerMixin):
     `[B, H_kv, P]` int32 (logical index of each slot, increasing along P), `scores` `[B, H_kv, P]` fp32 (state of
     attention-based policies, else None), `n_pad` `[B]` (left-pad tokens seen per row).
 
-    Contract with transformers' masks (design.md section 3): `get_seq_length()` is the logical length L,
+    Contract with transformers' masks (docs/design/eviction.md): `get_seq_length()` is the logical length L,
     `update` returns the P_prev + q stored keys and `get_mask_sizes(q)` is `(P_prev + q, L_prev - P_prev)`. Padding is
     read from `attention_mask[:, kv_offset + j]`: pads are evicted first and kept slots stay in position order, so in
     every row (and head) the kept pads are the first slots and the mask's first columns past `kv_offset` are pads in
