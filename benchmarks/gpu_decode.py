@@ -2,8 +2,9 @@
 
 Method (docs/design/measuring.md): per (length, batch), one cache alive at a time, all rows from one process:
 prefill the prompt in one forward (`logits_to_keep=1`), then greedy decoding forwards; each decode forward is timed
-with CUDA events around the forward alone (no `generate` bookkeeping, no prefill in the figure), after `--warm`
-untimed decode steps at the same shape; ms/step is the median of `--steps` timed steps. KV GiB = `cache_nbytes` after
+with CUDA events around the forward alone (no `generate` bookkeeping, no prefill in the figure), after a warm run at
+the same shape (DynamicCache, not reported) and `--warm` untimed decode steps; ms/step is the median of `--steps`
+timed steps. DynamicCache is measured first and again last at each shape (drift check). KV GiB = `cache_nbytes` after
 the last step; peak = `max_memory_allocated` above the weights over prefill + decoding.
 
 Capacity (`--capacity-length`): the largest batch whose decode runs at that length, per cache. To keep the lease
@@ -192,8 +193,11 @@ def main() -> None:
     for point in args.grid:
         length, batch = (int(x) for x in point.split("x"))
         ids = torch.randint(1000, 100000, (batch, length), device="cuda")
-        for label in args.caches:
+        measure(model, ids, "DynamicCache", weights, args.warm, 4)  # a warm run at this shape, not reported
+        for label in args.caches + (["DynamicCache"] if "DynamicCache" in args.caches else []):
             row = measure(model, ids, label, weights, args.warm, args.steps)
+            if any(r["cache"] == label and r["length"] == length and r["batch"] == batch for r in rows):
+                row["cache"] = label + " (again, last)"  # drift check: the first row measured again at the end
             rows.append(row)
             print(json.dumps(row), flush=True)
     cap_rows = []

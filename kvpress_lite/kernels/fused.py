@@ -78,14 +78,17 @@ def attend_store(store, query: torch.Tensor, attention_mask, kwargs: dict, kerne
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     residual = store.keys is not None and store.keys.shape[2] > 0
-    # the op itself (no argument re-validation: the store's layout is known): traced by torch.compile, CUDA-graphable
-    out = _op_module._op(
-        query, store.key_codes, store.key_scale, store.key_zero, store.value_codes, store.value_scale,
-        store.value_zero, store.keys if residual else None, store.values if residual else None, kv_start,
-        int(store.bits), int(store.group_size), store.key_mode == "channel", float(scaling),
-        float(kwargs.get("softcap") or 0.0), kernel_impl,
-    )
-    return out.transpose(1, 2).contiguous()
+    args = (query, store.key_codes, store.key_scale, store.key_zero, store.value_codes, store.value_scale,
+            store.value_zero, store.keys if residual else None, store.values if residual else None, kv_start,
+            int(store.bits), int(store.group_size), store.key_mode == "channel", float(scaling),
+            float(kwargs.get("softcap") or 0.0))
+    if query.is_cuda and kernel_impl != "torch" and not torch.compiler.is_compiling():
+        # eager decoding on CUDA: the Triton launcher directly (no custom-op dispatch: host time is most of a batch-1
+        # step); `fusable` checked the layout. Under torch.compile the op below is traced instead.
+        out = _op_module._triton.triton_decode_attention(*args)
+    else:  # the op (no argument re-validation: the store's layout is known), traceable by torch.compile
+        out = _op_module._op(*args, kernel_impl)
+    return out.transpose(1, 2).contiguous()  # [B, q, H_q, D]; a no-op copy for q == 1
 
 
 __all__ = ["attend_store", "check_options", "fusable", "wants_bridge"]

@@ -77,7 +77,7 @@ def _online_softmax(s, v, pos, n_ok, qpos, start, m_i, l_i, acc, scaling, softca
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "R", "TILES_PER_SPLIT", "S_HIST", "S_TOTAL"])  # no recompiles as T, R grow
 def _decode_split_kernel(
     Q, KC, KS, KZ, VC, VS, VZ, RK, RV, KV_START, PM, PL, PO,
     scaling, softcap, T, R, HKV, TILES_PER_SPLIT, S_HIST, S_TOTAL,
@@ -166,7 +166,7 @@ def _decode_split_kernel(
     tl.store(PO + base[:, None] * D + offs_d[None, :], acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S_TOTAL"])
 def _decode_reduce_kernel(PM, PL, PO, O, S_TOTAL, GQ: tl.constexpr, NQ: tl.constexpr, BLOCK_M: tl.constexpr,
                           D: tl.constexpr, BLOCK_S: tl.constexpr):
     pid_bh = tl.program_id(0)
@@ -221,7 +221,7 @@ def _softmax_weights(s, pos, n_ok, qpos, start, m_i, l_i, scaling, softcap, USE_
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "R", "TILES_PER_SPLIT", "S_HIST", "S_TOTAL"])  # no recompiles as T, R grow
 def _decode_split_kernel_v2(
     Q, KC, KS, KZ, VC, VS, VZ, RK, RV, KV_START, PM, PL, PO,
     scaling, softcap, T, R, HKV, TILES_PER_SPLIT, S_HIST, S_TOTAL,
