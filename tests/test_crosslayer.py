@@ -23,8 +23,16 @@ def tiny_llama6(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -34,8 +42,16 @@ def tiny_gemma6(seed: int = 0):
 
     torch.manual_seed(seed)
     config = Gemma3TextConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, sliding_window=8, max_position_embeddings=1024, pad_token_id=0,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=8,
+        max_position_embeddings=1024,
+        pad_token_id=0,
         layer_types=["sliding_attention", "full_attention"] * 3,
     )
     return Gemma3ForCausalLM(config).eval()
@@ -113,11 +129,19 @@ def test_share_returns_the_producers_tensors():
 def test_bytes_drop_as_claimed(dtype, bits):
     model = tiny_llama6()
     sinks, window, block, retain, T = 4, 8, 16, 0.25, 100
-    cache = CrossLayerCache(model.config, pairs=[[2, 3], [4, 5]], share={1: 0}, t=0.6, retain=retain, window=window,
-                            block=block, sinks=sinks)
+    cache = CrossLayerCache(
+        model.config,
+        pairs=[[2, 3], [4, 5]],
+        share={1: 0},
+        t=0.6,
+        retain=retain,
+        window=window,
+        block=block,
+        sinks=sinks,
+    )
     g = torch.Generator().manual_seed(0)
     dyn = DynamicCache(config=model.config)
-    for start in range(0, T, 10):
+    for _ in range(0, T, 10):
         for layer in range(6):
             k, v = (torch.randn(B, H, 10, D, generator=g).to(dtype) for _ in range(2))
             cache.update(k, v, layer)
@@ -126,7 +150,9 @@ def test_bytes_drop_as_claimed(dtype, bits):
     merged = (T - sinks - window) // block * block  # 80
     kept = merged // block * round(retain * block)  # 20
     unmerged = T - merged  # sinks + recent window, per layer
-    per_pair = B * H * (2 * merged * D * e + merged * 4 * e + 4 * kept * D * e + 2 * kept * 4 + 2 * 2 * unmerged * D * e)
+    per_pair = (
+        B * H * (2 * merged * D * e + merged * 4 * e + 4 * kept * D * e + 2 * kept * 4 + 2 * 2 * unmerged * D * e)
+    )
     stored = B * H * T * D * 2 * e
     assert cache_nbytes(cache) == 1 * stored + 2 * per_pair  # layer 0 stored, 1 shares it, 2 pairs
     assert cache_nbytes(dyn) == 6 * stored
@@ -138,8 +164,9 @@ def test_quantized_storage_composes():
     model = tiny_llama6()
     T = 200
     full = CrossLayerCache(model.config, pairs=[[2, 3], [4, 5]], window=8, block=16)
-    quant = CrossLayerCache(model.config, pairs=[[2, 3], [4, 5]], window=8, block=16, bits=4, group_size=16,
-                            residual_length=16)
+    quant = CrossLayerCache(
+        model.config, pairs=[[2, 3], [4, 5]], window=8, block=16, bits=4, group_size=16, residual_length=16
+    )
     inputs = feed(full, 6, T, 20)
     feed(quant, 6, T, 20)
     assert cache_nbytes(quant) < 0.45 * cache_nbytes(full)
@@ -164,24 +191,27 @@ def test_beam_reorder_permutes_merged_and_shared_layers_once():
 
 
 # ---------------------------------------------------------------------------------------------------- validation
-@pytest.mark.parametrize("kwargs, match", [
-    ({"pairs": [[4, 40]]}, r"pairs: layer 40 is out of range.*accepted: the full_attention layers 0..5"),
-    ({"pairs": [[3, 3]]}, r"pairs: \[3, 3\] must list two different layers"),
-    ({"pairs": [[2, 3], [3, 4]]}, r"pairs: layer 3 appears twice"),
-    ({"share": {3: 3}}, r"share: consumer 3 -> producer 3.*accepted producers for 3: \[0, 1, 2\]"),
-    ({"share": {2: 4}}, r"share: consumer 2 -> producer 4: a consumer must read an earlier layer"),
-    ({"share": {2: 3, 3: 2}}, r"share: consumer 2 -> producer 3.*no cycles"),
-    ({"share": {-1: 0}}, r"share \(consumer\): layer -1 is out of range"),
-    ({"pairs": [[2, 3]], "share": {3: 1}}, r"share: consumer 3 is already in pair \[2, 3\]"),
-    ({"mode": "evict"}, r"mode='evict' is not supported; accepted values: \['merge', 'share'\]"),
-    ({"t": 1.5}, r"t=1.5 must be a number in \[0.0, 1.0\]"),
-    ({"retain": -0.1}, r"retain=-0.1 must be a number in"),
-    ({"window": -1}, r"window=-1 must be an integer >= 0"),
-    ({"bits": 3}, r"bits=3 is not supported; accepted values: \[2, 4, 8\]"),
-    ({"bits": 4, "group_size": 5}, r"group_size=5 must divide head_dim=16"),
-    ({"plan": "nonexistent"}, r"plan='nonexistent' is not .*accepted names"),
-    ({"plan": {"merges": []}, "pairs": [[2, 3]]}, r"either plan= or start/pairs/share"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"pairs": [[4, 40]]}, r"pairs: layer 40 is out of range.*accepted: the full_attention layers 0..5"),
+        ({"pairs": [[3, 3]]}, r"pairs: \[3, 3\] must list two different layers"),
+        ({"pairs": [[2, 3], [3, 4]]}, r"pairs: layer 3 appears twice"),
+        ({"share": {3: 3}}, r"share: consumer 3 -> producer 3.*accepted producers for 3: \[0, 1, 2\]"),
+        ({"share": {2: 4}}, r"share: consumer 2 -> producer 4: a consumer must read an earlier layer"),
+        ({"share": {2: 3, 3: 2}}, r"share: consumer 2 -> producer 3.*no cycles"),
+        ({"share": {-1: 0}}, r"share \(consumer\): layer -1 is out of range"),
+        ({"pairs": [[2, 3]], "share": {3: 1}}, r"share: consumer 3 is already in pair \[2, 3\]"),
+        ({"mode": "evict"}, r"mode='evict' is not supported; accepted values: \['merge', 'share'\]"),
+        ({"t": 1.5}, r"t=1.5 must be a number in \[0.0, 1.0\]"),
+        ({"retain": -0.1}, r"retain=-0.1 must be a number in"),
+        ({"window": -1}, r"window=-1 must be an integer >= 0"),
+        ({"bits": 3}, r"bits=3 is not supported; accepted values: \[2, 4, 8\]"),
+        ({"bits": 4, "group_size": 5}, r"group_size=5 must divide head_dim=16"),
+        ({"plan": "nonexistent"}, r"plan='nonexistent' is not .*accepted names"),
+        ({"plan": {"merges": []}, "pairs": [[2, 3]]}, r"either plan= or start/pairs/share"),
+    ],
+)
 def test_bad_input_raises_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CrossLayerCache(tiny_llama6().config, **kwargs)
@@ -189,8 +219,11 @@ def test_bad_input_raises_value_error(kwargs, match):
 
 def test_sliding_layers_cannot_merge_or_share():
     config = tiny_gemma6().config
-    with pytest.raises(ValueError, match=r"pairs: layer 2 is a sliding_attention layer.*accepted: the full_attention "
-                                         r"layers \[1, 3, 5\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"pairs: layer 2 is a sliding_attention layer.*accepted: the full_attention "
+        r"layers \[1, 3, 5\]",
+    ):
         CrossLayerCache(config, pairs=[[1, 2]])
     with pytest.raises(ValueError, match=r"share \(producer\): layer 0 is a sliding_attention layer"):
         CrossLayerCache(config, share={1: 0})
@@ -207,8 +240,11 @@ def test_plan_round_trip_and_other_model_refused(tmp_path):
         assert loaded == plan
         cache = CrossLayerCache(llama.config, plan=str(tmp_path / name))
         assert cache.pairs == [(2, 3)] and cache.share == {5: 4}
-    with pytest.raises(ValueError, match=r"plan was made for model_type='llama', 6 layers.*but this cache is for "
-                                         r"model_type='gemma3_text'"):
+    with pytest.raises(
+        ValueError,
+        match=r"plan was made for model_type='llama', 6 layers.*but this cache is for "
+        r"model_type='gemma3_text'",
+    ):
         CrossLayerCache(gemma.config, plan=plan.to_dict())
 
 
@@ -218,8 +254,9 @@ def _generate(model, ids, cache, **kwargs):
 
     kwargs.setdefault("max_new_tokens", 12)
     kwargs.setdefault("do_sample", False)
-    return model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0,
-                          **{cache_kwarg(model): cache}, **kwargs)
+    return model.generate(
+        ids, attention_mask=torch.ones_like(ids), pad_token_id=0, **{cache_kwarg(model): cache}, **kwargs
+    )
 
 
 @pytest.mark.parametrize("make", [tiny_llama6, tiny_gemma6])
@@ -241,10 +278,14 @@ def test_generate_modes_tiny(make):
     # beam search and sampling run with real compression
     beams = _generate(model, ids, CrossLayerCache(model, window=4, block=8, start=1), num_beams=3)
     assert beams.shape == (1, 52)
-    assert torch.equal(_generate(model, ids, CrossLayerCache(model, **exact), num_beams=3),
-                       _generate(model, ids, DynamicCache(config=model.config), num_beams=3))
+    assert torch.equal(
+        _generate(model, ids, CrossLayerCache(model, **exact), num_beams=3),
+        _generate(model, ids, DynamicCache(config=model.config), num_beams=3),
+    )
     torch.manual_seed(0)
-    sampled = _generate(model, ids, CrossLayerCache(model, mode="share", start=1), do_sample=True, top_k=5, min_new_tokens=12)
+    sampled = _generate(
+        model, ids, CrossLayerCache(model, mode="share", start=1), do_sample=True, top_k=5, min_new_tokens=12
+    )
     assert sampled.shape == (1, 52)
 
 
@@ -258,8 +299,14 @@ def test_batch_with_left_padding_matches_single_rows():
 
     settings = dict(retain=1.0, window=4, block=8, start=1)
     key = cache_kwarg(model)
-    batch = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
-                           **{key: CrossLayerCache(model, **settings)})
+    batch = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=8,
+        do_sample=False,
+        pad_token_id=0,
+        **{key: CrossLayerCache(model, **settings)},
+    )
     for row, single in ((0, long), (1, short)):
         alone = _generate(model, single, CrossLayerCache(model, **settings), max_new_tokens=8)
         assert torch.equal(batch[row, -8:], alone[0, -8:])

@@ -53,9 +53,23 @@ class CrossLayerCache(CompressedCache):
     Storage per merged pair: directions `[B, H, T, D]` x2, norms `[B, H, T, 4]`, retained `[B, H, K, D]` x4 + indices.
     """
 
-    def __init__(self, model_or_config, mode: str = "merge", start: int | None = None, pairs=None, share=None,
-                 plan=None, t: float = 0.6, retain: float = 0.05, window: int = 32, block: int = 64, sinks: int = 4,
-                 bits: int | None = None, group_size: int = 64, residual_length: int = 128):
+    def __init__(
+        self,
+        model_or_config,
+        mode: str = "merge",
+        start: int | None = None,
+        pairs=None,
+        share=None,
+        plan=None,
+        t: float = 0.6,
+        retain: float = 0.05,
+        window: int = 32,
+        block: int = 64,
+        sinks: int = 4,
+        bits: int | None = None,
+        group_size: int = 64,
+        residual_length: int = 128,
+    ):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not supported; accepted values: {list(MODES)}")
         _fraction("t", t, 0.0, 1.0)
@@ -72,8 +86,9 @@ class CrossLayerCache(CompressedCache):
             self.plan = resolve_plan(plan)
             self.pairs, self.share = self.plan.check(geometry)
         else:
-            if start is not None and (isinstance(start, bool) or not isinstance(start, int)
-                                      or not 0 <= start < geometry.num_layers):
+            if start is not None and (
+                isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < geometry.num_layers
+            ):
                 raise ValueError(f"start={start!r} must be a layer index in [0, {geometry.num_layers - 1}]")
             first = int(geometry.num_layers * DEFAULT_START) if start is None else start
             layout = default_pairs(geometry, first)
@@ -108,6 +123,8 @@ class CrossLayerCache(CompressedCache):
         return f"merge {[list(p) for p in self.pairs]}, share {self.share}"
 
 
-register("crosslayer", "cross-layer",
-         "MiniCache-merged layer pairs / KVSharer shared layers / a calibrated plan, optionally quantized")(
-    CrossLayerCache)
+register(
+    "crosslayer",
+    "cross-layer",
+    "MiniCache-merged layer pairs / KVSharer shared layers / a calibrated plan, optionally quantized",
+)(CrossLayerCache)

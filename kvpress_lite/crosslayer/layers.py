@@ -106,8 +106,9 @@ class MergedLayer(CrossLayer):
         window: most recent tokens kept unmerged.
     """
 
-    def __init__(self, layer_idx: int, pair: MergedPair, partner: MergedLayer | None = None, window: int = 32,
-                 sinks: int = 0):
+    def __init__(
+        self, layer_idx: int, pair: MergedPair, partner: MergedLayer | None = None, window: int = 32, sinks: int = 0
+    ):
         self.pair, self.partner, self.window, self.sinks = pair, partner, window, sinks
         self.member = 0 if partner is None else 1
         names = ("sink_keys", "sink_values", "keys", "values")
@@ -142,8 +143,14 @@ class MergedLayer(CrossLayer):
             if self.keys.shape[-2] < self.sinks:
                 return
             for layer in (a, self):
-                layer.sink_keys, layer.sink_values = layer.keys[:, :, : self.sinks].clone(), layer.values[:, :, : self.sinks].clone()
-                layer.keys, layer.values = layer.keys[:, :, self.sinks :].clone(), layer.values[:, :, self.sinks :].clone()
+                layer.sink_keys, layer.sink_values = (
+                    layer.keys[:, :, : self.sinks].clone(),
+                    layer.values[:, :, : self.sinks].clone(),
+                )
+                layer.keys, layer.values = (
+                    layer.keys[:, :, self.sinks :].clone(),
+                    layer.values[:, :, self.sinks :].clone(),
+                )
         block = self.pair.block
         n = (self.keys.shape[-2] - self.window) // block * block
         if n <= 0:

@@ -67,8 +67,10 @@ def check_layout(pairs, share, geometry: ModelGeometry) -> tuple[list[tuple[int,
             raise ValueError(f"pairs: [{a}, {b}] must list two different layers in increasing order (a < b)")
         for x in (a, b):
             if x in used:
-                raise ValueError(f"pairs: layer {x} appears twice ({used[x]} and pair [{a}, {b}]); each layer may be in "
-                                 "one pair or share entry")
+                raise ValueError(
+                    f"pairs: layer {x} appears twice ({used[x]} and pair [{a}, {b}]); each layer may be in "
+                    "one pair or share entry"
+                )
             used[x] = f"pair [{a}, {b}]"
         norm_pairs.append((a, b))
     norm_share: dict[int, int] = {}
@@ -84,8 +86,10 @@ def check_layout(pairs, share, geometry: ModelGeometry) -> tuple[list[tuple[int,
                 f"layer, so no cycles); accepted producers for {c}: {_span(accepted)}"
             )
         if c in used:
-            raise ValueError(f"share: consumer {c} is already in {used[c]}; a consumer stores nothing, so it cannot be "
-                             "merged or consume twice")
+            raise ValueError(
+                f"share: consumer {c} is already in {used[c]}; a consumer stores nothing, so it cannot be "
+                "merged or consume twice"
+            )
         used[c] = f"share {c} -> {p}"
         norm_share[c] = p
     for c in norm_share:  # a consumer of a consumer reads the first producer of the chain
@@ -124,8 +128,16 @@ class CrossLayerPlan:
 
     @classmethod
     def for_model(cls, geometry: ModelGeometry, merges=(), shares=None, info=None) -> CrossLayerPlan:
-        return cls(geometry.model_type, geometry.num_layers, geometry.kv_heads, geometry.head_dim,
-                   list(geometry.layer_types), [list(p) for p in merges], dict(shares or {}), dict(info or {}))
+        return cls(
+            geometry.model_type,
+            geometry.num_layers,
+            geometry.kv_heads,
+            geometry.head_dim,
+            list(geometry.layer_types),
+            [list(p) for p in merges],
+            dict(shares or {}),
+            dict(info or {}),
+        )
 
     def check(self, geometry: ModelGeometry) -> tuple[list[tuple[int, int]], dict[int, int]]:
         """Validate against the model that will run it; return (pairs, share map)."""
@@ -133,8 +145,9 @@ class CrossLayerPlan:
         running = (geometry.model_type, geometry.num_layers, geometry.kv_heads, geometry.head_dim, geometry.layer_types)
         if made_for != running:
             raise ValueError(
-                f"plan was made for model_type={self.model_type!r}, {self.num_layers} layers, {self.kv_heads} KV heads, "
-                f"head_dim={self.head_dim}, but this cache is for {geometry.describe()}; accepted: a plan calibrated on "
+                f"plan was made for model_type={self.model_type!r}, {self.num_layers} layers, {self.kv_heads} KV "
+                f"heads, head_dim={self.head_dim}, but this cache is for {geometry.describe()}; accepted: a plan "
+                "calibrated on "
                 f"this model (`kvpress_lite.crosslayer.calibrate`) or one of the shipped plans {sorted(_shipped())}"
             )
         return check_layout(self.merges, self.shares, geometry)
@@ -192,8 +205,9 @@ def resolve_plan(plan) -> CrossLayerPlan:
             return CrossLayerPlan.from_dict(_shipped()[plan])
         if os.path.isfile(plan):
             return CrossLayerPlan.load(plan)
-    raise ValueError(f"plan={plan!r} is not a CrossLayerPlan, dict, file path or shipped plan; accepted names: "
-                     f"{sorted(_shipped())}")
+    raise ValueError(
+        f"plan={plan!r} is not a CrossLayerPlan, dict, file path or shipped plan; accepted names: {sorted(_shipped())}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- calibration
@@ -232,9 +246,21 @@ def _captured_kv(model, ids: torch.Tensor) -> list:
     return [(layer.keys.float(), layer.values.float()) if hasattr(layer, "keys") else None for layer in cache.layers]
 
 
-def calibrate(model, calibration_ids: torch.Tensor, prefix: int = 256, chunk: int = 16, target_ratio: float = 1.6,
-              max_ppl_increase: float | None = 0.05, verify: int = 24, t: float = 0.6, retain: float = 0.05,
-              window: int = 32, block: int = 64, sinks: int = 4, log=None) -> CrossLayerPlan:
+def calibrate(
+    model,
+    calibration_ids: torch.Tensor,
+    prefix: int = 256,
+    chunk: int = 16,
+    target_ratio: float = 1.6,
+    max_ppl_increase: float | None = 0.05,
+    verify: int = 24,
+    t: float = 0.6,
+    retain: float = 0.05,
+    window: int = 32,
+    block: int = 64,
+    sinks: int = 4,
+    log=None,
+) -> CrossLayerPlan:
     """Measure every candidate merge/share on `calibration_ids` `[1, n]` and return a plan reaching `target_ratio`.
 
     Args:
@@ -245,7 +271,7 @@ def calibrate(model, calibration_ids: torch.Tensor, prefix: int = 256, chunk: in
         max_ppl_increase: None, or a quality budget: each entry is kept only if the plan so far, measured as a whole,
             stays within this perplexity increase on the calibration text (costs do not add up linearly).
         verify: how many of the cheapest candidates are tried against the budget (one measurement each).
-        t / retain / window / block / sinks: the merge settings the candidates are measured (and the plan meant to run) with.
+        t / retain / window / block / sinks: merge settings the candidates are measured (and the plan run) with.
         log: optional callable receiving progress lines.
     Returns: a `CrossLayerPlan` whose `info` records each candidate's measured NLL increase and the whole plan's.
     """
@@ -261,16 +287,19 @@ def calibrate(model, calibration_ids: torch.Tensor, prefix: int = 256, chunk: in
     settings = dict(t=t, retain=retain, window=window, block=block, sinks=sinks)
 
     def nll(pairs=(), share=None):
-        return calibration_nll(model, ids, CrossLayerCache(model, pairs=list(pairs), share=share or {}, **settings),
-                               prefix, chunk)
+        return calibration_nll(
+            model, ids, CrossLayerCache(model, pairs=list(pairs), share=share or {}, **settings), prefix, chunk
+        )
 
     base = nll()
     kv = _captured_kv(model, ids)
     candidates = [("merge", (a, b)) for a, b in zip(layers, layers[1:])]
     for i, c in enumerate(layers[1:], start=1):  # share: the previous layer, and the closest earlier one
         kc, vc = kv[c]
-        dist = {p: float(((kv[p][0] - kc).norm() / kc.norm()) ** 2 + ((kv[p][1] - vc).norm() / vc.norm()) ** 2)
-                for p in layers[:i]}
+        dist = {
+            p: float(((kv[p][0] - kc).norm() / kc.norm()) ** 2 + ((kv[p][1] - vc).norm() / vc.norm()) ** 2)
+            for p in layers[:i]
+        }
         for p in {layers[i - 1], min(dist, key=dist.get)}:
             candidates.append(("share", (c, p)))
     costs = []
@@ -288,7 +317,11 @@ def calibrate(model, calibration_ids: torch.Tensor, prefix: int = 256, chunk: in
         if total / units >= target_ratio:
             break
         if kind == "merge" and not {x, y} & (used | producers):
-            new_pairs, new_share, saved = [*pairs, (x, y)], share, 2 * (1 - pair_fraction(geometry.head_dim, retain, block))
+            new_pairs, new_share, saved = (
+                [*pairs, (x, y)],
+                share,
+                2 * (1 - pair_fraction(geometry.head_dim, retain, block)),
+            )
         elif kind == "share" and x not in used | producers and y not in used:
             new_pairs, new_share, saved = pairs, {**share, x: y}, 1.0
         else:
@@ -307,9 +340,16 @@ def calibrate(model, calibration_ids: torch.Tensor, prefix: int = 256, chunk: in
     if budget is None:
         joint = nll(pairs, share) - base
     info = {
-        "calibration_tokens": int(ids.shape[1]), "prefix": prefix, "chunk": chunk, "settings": settings,
-        "target_ratio": target_ratio, "max_ppl_increase": max_ppl_increase, "estimated_ratio": round(total / units, 3), "base_nll": round(base, 5),
-        "plan_dnll": round(joint, 5), "plan_ppl_change": round(math.exp(joint) - 1, 5),
+        "calibration_tokens": int(ids.shape[1]),
+        "prefix": prefix,
+        "chunk": chunk,
+        "settings": settings,
+        "target_ratio": target_ratio,
+        "max_ppl_increase": max_ppl_increase,
+        "estimated_ratio": round(total / units, 3),
+        "base_nll": round(base, 5),
+        "plan_dnll": round(joint, 5),
+        "plan_ppl_change": round(math.exp(joint) - 1, 5),
         "candidates": [{"kind": k, "layers": [x, y], "dnll": round(d, 5)} for _, k, x, y, d in costs],
     }
     return CrossLayerPlan.for_model(geometry, sorted(pairs), dict(sorted(share.items())), info)

@@ -28,7 +28,8 @@ class SharedLayer(CrossLayer):
         if self.producer.length != self.length:
             raise ValueError(
                 f"layer {self.layer_idx} shares layer {self.producer.layer_idx}'s KV, which holds "
-                f"{self.producer.length} tokens instead of {self.length}: the producer must update first in each forward"
+                f"{self.producer.length} tokens instead of {self.length}: the producer must update first in each "
+                "forward"
             )
         return self.read()  # this layer's own key/value states are dropped
 
