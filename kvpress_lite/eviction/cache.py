@@ -11,10 +11,10 @@ from ..storage import StorageSpec
 from .layer import EvictionLayer
 from .policy import EvictionBudget, make_policy
 
-# Storage parameters of every eviction strategy, chosen by measurement (docs/composition.md): per-token keys, so
-# eviction gathers codes; groups of 32 channels (64 cost int4 up to +2.5% perplexity over bf16 eviction on SmolLM2);
-# an 8-token full-precision window, so int4 storage stays >= 2.5x smaller than bf16 at a 128-token budget.
-STORAGE_DEFAULTS = {"bits": None, "group_size": 32, "residual_length": 8, "key_mode": "token"}
+# Storage defaults (bits=None, group_size=32, residual_length=8, key_mode="token") were chosen by measurement
+# (docs/composition.md): per-token keys, so eviction gathers codes; groups of 32 channels (64 cost int4 up to +2.5%
+# perplexity over bf16 eviction on SmolLM2); an 8-token full-precision window, so int4 storage stays >= 2.5x smaller
+# than bf16 down to 256-token budgets.
 
 
 class EvictionCache(CompressedCache):

@@ -6,14 +6,14 @@ import dataclasses
 import inspect
 
 from ..registry import register
-from .cache import STORAGE_DEFAULTS, EvictionCache
-from .policy import POLICIES, EvictionBudget
+from .cache import EvictionCache
+from .policy import POLICIES
 
 
 def register_policy(name: str, summary: str):
     """Class decorator: add a policy to `POLICIES` and register strategy `name` (family "eviction") building
-    `EvictionCache(model, policy=name, **params)`; its params are `EvictionBudget`'s fields, the storage parameters
-    (`bits`, `group_size`, `residual_length`, `key_mode`) and the policy's fields."""
+    `EvictionCache(model, policy=name, **params)`; its params are `EvictionCache`'s keyword arguments (budget, storage,
+    fused path) and the policy's fields."""
 
     def decorator(cls):
         cls.name = name
@@ -23,9 +23,10 @@ def register_policy(name: str, summary: str):
             return EvictionCache(model, policy=name, **params)
 
         keyword = inspect.Parameter.KEYWORD_ONLY
-        budget_fields = [(f.name, f.default) for f in dataclasses.fields(EvictionBudget) if f.init]
+        cache_args = [p for p in inspect.signature(EvictionCache.__init__).parameters.values()
+                      if p.name not in ("self", "model", "policy") and p.kind is not inspect.Parameter.VAR_KEYWORD]
         policy_fields = [(f.name, f.default) for f in dataclasses.fields(cls) if f.init]
-        fields = budget_fields + list(STORAGE_DEFAULTS.items()) + policy_fields
+        fields = [(p.name, p.default) for p in cache_args] + policy_fields
         factory.__signature__ = inspect.Signature(
             [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
             + [inspect.Parameter(field, keyword, default=default) for field, default in fields]
