@@ -57,11 +57,10 @@ def kept(scores: torch.Tensor, budget: int, sinks: int, recent: int) -> torch.Te
     return keep
 
 
-def needle_token_span(tokenizer, prompt: str, needle: str, add_special_tokens: bool) -> tuple[int, int]:
-    """Token index range `[start, end)` of `needle` inside the encoded `prompt`."""
-    at = prompt.index(needle)
+def token_span(tokenizer, prompt: str, at: int, width: int, add_special_tokens: bool) -> tuple[int, int]:
+    """Token index range `[start, end)` covering characters `[at, at + width)` of the encoded `prompt`."""
     enc = tokenizer(prompt, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-    spans = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > at and a < at + len(needle)]
+    spans = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > at and a < at + width]
     return spans[0], spans[-1] + 1
 
 
@@ -93,7 +92,11 @@ def diagnose(recipe_path: str, cell: str, label: str, samples: list[int], overri
         sample = make_sample(run, tokenizer, index)
         ids = torch.tensor([prompter.encode(sample.prompt)], device=model.device)
         length = ids.shape[1]
-        start, end = needle_token_span(tokenizer, sample.prompt, sample.needle, not recipe.chat)  # the queried needle
+        at = sample.prompt.index(sample.needle)  # the queried needle, and its value (the answer) inside it
+        start, end = token_span(tokenizer, sample.prompt, at, len(sample.needle), not recipe.chat)
+        value = sample.answer.split()[0]
+        v_at = at + sample.needle.index(value)
+        v_start, v_end = token_span(tokenizer, sample.prompt, v_at, len(value), not recipe.chat)
         attentions = model(ids, output_attentions=True).attentions
         budget = max(math.ceil(ratio * length), sinks + recent, 1) if ratio is not None else params["budget"]
         ours = {}
@@ -110,14 +113,17 @@ def diagnose(recipe_path: str, cell: str, label: str, samples: list[int], overri
             err = {impl: ((ours[impl][i] - ref).abs().max() / ref.abs().max()).item() for impl in ours}
             keep = kept(ref, budget, sinks, recent)
             share = keep[:, start:end].float().mean(1)  # per kv head
+            value_share = keep[:, v_start:v_end].float().mean(1)
             rank = (ref[:, start:end].mean(1, keepdim=True) < ref).float().mean(1)  # share of tokens scored above
             row = {"sample": index, "depth": sample.depth, "layer": i, "prompt_tokens": length, "budget": budget,
                    "needle_tokens": [start, end], "rel_err_eager": err["eager"], "rel_err_sdpa": err["sdpa"],
-                   "needle_kept_share_per_kv_head": share.tolist(), "needle_score_rank_per_kv_head": rank.tolist()}
+                   "needle_kept_share_per_kv_head": share.tolist(), "needle_score_rank_per_kv_head": rank.tolist(),
+                   "value_tokens": [v_start, v_end], "value_kept_share_per_kv_head": value_share.tolist()}
             out.append(row)
             print(f"sample {index} depth {sample.depth} layer {i}: scores vs eager reference max rel err "
                   f"{err['eager']:.1e} (eager) {err['sdpa']:.1e} (sdpa); needle tokens {start}-{end} of {length}, "
-                  f"kept at budget {budget}: {', '.join(f'{s:.0%}' for s in share.tolist())} per KV head; "
+                  f"kept at budget {budget}: {', '.join(f'{s:.0%}' for s in share.tolist())} per KV head "
+                  f"(its value's {v_end - v_start} tokens: {', '.join(f'{s:.0%}' for s in value_share.tolist())}); "
                   f"{', '.join(f'{r:.0%}' for r in rank.tolist())} of tokens score above the needle", flush=True)
     return out
 

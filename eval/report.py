@@ -162,8 +162,9 @@ def _axis_label(cell_rows: list[dict], metric: str) -> str:
 def plot(rows: list[dict], folder: Path) -> list[Path]:
     """Per (model, cell): score or perplexity vs KV ratio. One colour and line per family (strategy + variant),
     a line style and marker per `bits`, the DynamicCache baseline as a black star and a dashed line, a legend
-    beside the axes naming the swept ratios/budgets (no labels over the points). Equal scores stay visible: later
-    families are drawn smaller on top and nudged vertically (by <= 0.6% of the range per family)."""
+    beside the axes naming the swept ratios/budgets (no labels over the points). Equal values stay visible: later
+    families are drawn smaller on top, and exact ties are nudged apart vertically (1.2% of the range per family,
+    noted on the plot)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,21 +186,33 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
         values = [r[metric] for r in group]
         span = (max(values) - min(values)) or 1.0
         fig, ax = plt.subplots(figsize=(8, 4.2))
+        # exact ties (knorm and random both at 0.0): the families sharing a point are nudged apart vertically
+        ties: dict = {}
+        for fam in families:
+            for r in others:
+                if family(r["strategy"], r["params"]) == fam:
+                    ties.setdefault((round(r["kv_ratio_vs_dynamic"], 6), round(r[metric], 9)), []).append(fam)
+        nudged = False
         for i, fam in enumerate(families):
             hue = hues.index(fam[:2])
             style, marker = _BITS_STYLE.get(fam[2], ("-", "o"))
             marker = marker if fam[2] is not None else _MARKERS[hue % len(_MARKERS)]
             members = [r for r in others if family(r["strategy"], r["params"]) == fam]
-            points = sorted((r["kv_ratio_vs_dynamic"], r[metric]) for r in members)
+            points = []
+            for r in members:
+                x, y = r["kv_ratio_vs_dynamic"], r[metric]
+                tied = ties[(round(x, 6), round(y, 9))]
+                if len(tied) > 1:
+                    y += (tied.index(fam) - (len(tied) - 1) / 2) * 0.012 * span
+                    nudged = True
+                points.append((x, y))
+            points.sort()
             swept = [f"{k} " + ", ".join(f"{v:g}" for v in sorted({json.loads(r["params"])[k] for r in members
                                                                  if k in json.loads(r["params"])}))
                      for k in SWEPT if any(k in json.loads(r["params"]) for r in members)]
-            # scores repeat (0.0, 1.0): later families are drawn smaller on top and nudged, so none hides another
-            score = metric == "score"
-            dodge = (i - (len(families) - 1) / 2) * 0.012 * span if score else 0.0
-            size = max(11 - i * 6 / max(len(families) - 1, 1), 5) if score else 6
+            size = max(11 - i * 6 / max(len(families) - 1, 1), 5)  # later families smaller, drawn on top
             x, y = zip(*points)
-            ax.plot(x, [v + dodge for v in y], ls=style, marker=marker, color=colors[hue % len(colors)], lw=1.6,
+            ax.plot(x, y, ls=style, marker=marker, color=colors[hue % len(colors)], lw=1.6,
                     ms=size, label=_family_label(*fam) + (f"  ({'; '.join(swept)})" if swept else ""), alpha=0.9,
                     zorder=2 + i / 100)
         base = [r for r in group if _is_baseline(r)]
@@ -213,6 +226,9 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
         ax.set_title(f"{model} ({hw['dtype']}) — {cell}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
+        if nudged:
+            ax.annotate(f"equal values nudged apart by {0.012 * span:.2g} per family", (1.01, 0.0),
+                        xycoords="axes fraction", fontsize=7, color="0.4")
         path = folder / f"{model.replace('/', '--')}_{cell}_{metric}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=120)
