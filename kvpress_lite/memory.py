@@ -11,7 +11,8 @@ def _inner_tensors(obj, seen: set[int]):
         return
     seen.add(id(obj))
     if isinstance(obj, torch.Tensor):
-        if hasattr(obj, "__tensor_flatten__") and type(obj) is not torch.Tensor and not isinstance(obj, torch.nn.Parameter):
+        subclass = type(obj) is not torch.Tensor and not isinstance(obj, torch.nn.Parameter)
+        if subclass and hasattr(obj, "__tensor_flatten__"):
             names, _ = obj.__tensor_flatten__()  # quantized tensor subclasses (e.g. optimum-quanto)
             for name in names:
                 yield from _inner_tensors(getattr(obj, name), seen)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .layer_state import BatchStateMixin
 from .kivi import SUPPORTED_BITS, dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from .layer_state import BatchStateMixin
 
 KEY_MODES = ("channel", "token")
 TOKEN_FLUSH_BLOCK = 8  # per-token keys: residual tokens are quantized in blocks of 8 (amortizes the history concat)
@@ -256,8 +256,9 @@ class QuantizedKV(KVStorage):
         if n_history:
             history_index = index[..., :n_history]  # (B, H, T'); entries >= T are residual tokens to quantize
             parts = self._history()
-            if bool((history_index >= T).any()):
-                parts = [torch.cat([old, new], dim=2) for old, new in zip(parts, self._quantize(self.keys, self.values))]
+            if bool((history_index >= T).any()):  # some rows take window tokens into the history
+                window = self._quantize(self.keys, self.values)
+                parts = [torch.cat([old, new], dim=2) for old, new in zip(parts, window)]
             self._set_history([p.gather(2, history_index.unsqueeze(-1).expand(-1, -1, -1, p.shape[-1])) for p in parts])
         else:
             self.key_codes = self.key_scale = self.key_zero = None

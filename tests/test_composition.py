@@ -47,7 +47,8 @@ def test_composed_cache_generates_with_padding_beam_search_and_continuation(poli
     mask[1, :7] = 0  # row 1 is left-padded
     with cache:
         key = cache_kwarg(model)
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, **{key: cache})
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                             **{key: cache})
         full = cache.layers[3]  # the full-attention layer evicts and quantizes
         assert full.physical_length <= 16 + full.slack and full.store.quantized_length > 0
         assert full.n_pad.tolist() == [0, 7]

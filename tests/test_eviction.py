@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import tiny_gemma3, tiny_llama
 from transformers import AttentionInterface, DynamicCache, StoppingCriteria, StoppingCriteriaList
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask

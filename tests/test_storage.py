@@ -33,7 +33,8 @@ def random_keep(P: int, K: int, seed: int = 1) -> torch.Tensor:
 
 SPECS = [
     pytest.param(StorageSpec(), id="full"),
-    *[pytest.param(StorageSpec(bits, 8, 4, mode), id=f"int{bits}-{mode}") for bits in (8, 4, 2) for mode in ("channel", "token")],
+    *[pytest.param(StorageSpec(bits, 8, 4, mode), id=f"int{bits}-{mode}")
+      for bits in (8, 4, 2) for mode in ("channel", "token")],
 ]
 
 
@@ -47,7 +48,7 @@ def test_append_reads_back_history_then_new_tokens(spec):
     if spec.quantized:  # the residual window is exact and sits at the end
         residual = store.keys.shape[-2]
         assert torch.equal(k[:, :, -residual:], keys[:, :, -residual:])
-        assert spec.residual_length <= residual < spec.residual_length + (8 if spec.key_mode == "token" else 8)
+        assert spec.residual_length <= residual < spec.residual_length + 8  # flush block: 8 (token), G=8 (channel)
         assert store.quantized_length + residual == 45
     new_k, new_v = torch.randn(B, H, 3, D), torch.randn(B, H, 3, D)
     store.append(new_k, new_v)  # before a flush, appending is exactly a concatenation
@@ -126,7 +127,8 @@ def test_constant_groups_decode_exactly_without_nan():
     store.append(torch.full((B, H, 24, D), 3.25), torch.full((B, H, 24, D), -1.5))
     store.flush()
     k, v = store.read()
-    assert store.quantized_length == 24 and torch.equal(k, torch.full_like(k, 3.25)) and torch.equal(v, torch.full_like(v, -1.5))
+    assert store.quantized_length == 24
+    assert torch.equal(k, torch.full_like(k, 3.25)) and torch.equal(v, torch.full_like(v, -1.5))
 
 
 @pytest.mark.parametrize(
@@ -145,5 +147,6 @@ def test_bad_storage_parameters_raise(kwargs, match):
 
 
 def test_group_size_must_divide_head_dim():
-    with pytest.raises(ValueError, match=r"group_size=24 must divide head_dim=64.*accepted values: \[1, 2, 4, 8, 16, 32, 64\]"):
+    accepted = r"accepted values: \[1, 2, 4, 8, 16, 32, 64\]"
+    with pytest.raises(ValueError, match=r"group_size=24 must divide head_dim=64.*" + accepted):
         StorageSpec(4, 24).check_head_dim(64)

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-POLICIES: dict[str, type["EvictionPolicy"]] = {}
+POLICIES: dict[str, type[EvictionPolicy]] = {}
 MAX_SLACK = 16  # upper bound of the default slack (tokens stored above the budget before a gather)
 
 
