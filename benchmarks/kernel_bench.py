@@ -57,11 +57,11 @@ def storage_bytes(inp) -> int:
     return sum(v.numel() * v.element_size() for v in inp.values() if isinstance(v, torch.Tensor))
 
 
-def bench(fn, graph: bool):
+def bench(fn, graph: bool, rep: int = 200):
     import triton.testing as tt
 
     if graph:
-        return tt.do_bench_cudagraph(fn, rep=200, return_mode="median")
+        return tt.do_bench_cudagraph(fn, rep=rep, return_mode="median")
     return tt.do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
@@ -78,6 +78,9 @@ def main(argv=None):
     p.add_argument("--bits", type=int, nargs="+", default=[4, 8])
     p.add_argument("--key-mode", default="channel", choices=["channel", "token"])
     p.add_argument("--quick", action="store_true", help="default config only, no sweep")
+    p.add_argument("--sweep", default="v3", choices=["v3", "v2"],
+                   help="v3: v2 baseline + v3 warps/stages/bias_dot, then splits for the best; v2: the old grid")
+    p.add_argument("--rep", type=int, default=200, help="ms of graph replays per timed config")
     p.add_argument("--json", default=None, help="write every measurement here")
     p.add_argument("--profile", default=None, metavar="JSON",
                    help="run only this kernel config (a JSON dict) a few times, for ncu; no timing")
@@ -112,6 +115,11 @@ def main(argv=None):
                                                         group_size=args.group_size, key_mode=args.key_mode)}
     print(json.dumps(info), flush=True)
     rows = []
+    extra = {}
+
+    def dump():  # after every row, so a run stopped at its time limit still leaves its numbers
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(info, **extra, rows=rows), indent=1))
 
     # copy bandwidth: 2 GiB device-to-device, bytes read + written
     src = torch.randn(2**29, device=dev)
@@ -120,6 +128,7 @@ def main(argv=None):
     copy_bw = 2 * src.numel() * 4 / (t_copy * 1e-3)
     src = dst = None  # free before the next allocations
     print(f"copy: {t_copy:.3f} ms for 2 x 2 GiB -> {copy_bw / 1e12:.2f} TB/s", flush=True)
+    extra.update(copy_bw=copy_bw, copy_ms=t_copy)
 
     # SDPA over bf16 K/V of the same tokens
     q = torch.randn(b, hq, nq, d, device=dev, dtype=dtype)
@@ -138,53 +147,83 @@ def main(argv=None):
         inp = make_storage(b, hkv, gq, nq, d, L, args.residual, bits, args.group_size, args.key_mode, dtype, dev)
         nbytes = storage_bytes(inp)
         kv_start = torch.randint(0, 64, (b,), device=dev)
-        # correctness at the real shape, softcap off and on
-        for cap in (0.0, 50.0):
-            out = quantized_decode_attention(**inp, kv_start=kv_start, softcap=cap, impl="triton")
-            ref = quantized_decode_attention(**inp, kv_start=kv_start, softcap=cap, impl="torch")
-            err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-            print(f"int{bits} check softcap={cap}: rel err {err:.2e} finite={bool(torch.isfinite(out).all())}",
-                  flush=True)
-            assert err < 1e-2 and torch.isfinite(out).all(), "kernel disagrees with the reference"
-        del out, ref
         args_k = {k_: v_ for k_, v_ in inp.items() if k_ != "key_mode"}
         args_k["key_per_channel"] = args.key_mode == "channel"
+        # correctness of every timed config at the real shape (left padding on), softcap 0; the best also softcap 50
+        refs = {cap: quantized_decode_attention(**inp, kv_start=kv_start, softcap=cap, impl="torch")
+                for cap in (0.0, 50.0)}
+
+        def check(cfg, cap=0.0, a=args_k, ks=kv_start, rf=refs):
+            out = triton_decode.triton_decode_attention(**a, kv_start=ks, softcap=cap, **cfg)
+            ref = rf[cap]
+            err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+            return err, bool(torch.isfinite(out).all())
+
         if args.quick:
             configs = [dict()]
+        elif args.sweep == "v3":
+            configs = [dict(variant=2, num_warps=2, num_stages=3)]
+            configs += [dict(variant=3, num_warps=w, num_stages=st, bias_dot=bd)
+                        for bd, w, st in ((True, 2, 3), (True, 2, 2), (True, 4, 3), (True, 4, 2), (False, 2, 3))]
+            if bits == 4:
+                configs += [dict(variant=3, num_warps=w, num_stages=3, v_join=True) for w in (2, 4)]
         else:
             configs = [dict(variant=v, num_warps=w, num_stages=s, num_splits=sp)
                        for v, w, s, sp in itertools.product((1, 2), (4, 2), (2, 3, 4), (16, 32)) if v == 2 or w == 4]
         best = None
-        for cfg in configs:
-            fn = lambda cfg=cfg, a=args_k: triton_decode.triton_decode_attention(**a, kv_start=None, **cfg)  # noqa: E731
+
+        def measure(cfg, bits=bits, nbytes=nbytes, a=args_k, ks0=kv_start):
+            nonlocal best
+            # timed with the same left padding as the check (<= 1 tile skipped): one compile per config
+            def fn(cfg=cfg, a=a, ks=ks0):
+                return triton_decode.triton_decode_attention(**a, kv_start=ks, **cfg)
             try:
                 t0 = time.time()
-                ms = bench(fn, graph=True)
+                err, finite = check(cfg)
+                ms = bench(fn, graph=True, rep=args.rep)
             except Exception as exc:  # a config that does not compile or fit: report, go on
-                print(f"int{bits} {cfg}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-                continue
-            row = dict(name=f"int{bits}", cfg=cfg, ms_graph=ms, bytes=nbytes, wall=time.time() - t0)
+                print(f"int{bits} {cfg}: failed {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                return None
+            ok = err < 1e-2 and finite
+            row = dict(name=f"int{bits}", cfg=cfg, ms_graph=ms, bytes=nbytes, err=err, ok=ok, wall=time.time() - t0)
             rows.append(row)
-            print(f"int{bits} {cfg}: {ms:.4f} ms graph, {nbytes / (ms * 1e-3) / 1e12:.2f} TB/s", flush=True)
-            if best is None or ms < best["ms_graph"]:
+            print(f"int{bits} {cfg}: {ms:.4f} ms graph, {nbytes / (ms * 1e-3) / 1e12:.2f} TB/s, err {err:.1e}"
+                  f"{'' if ok else ' WRONG'}", flush=True)
+            if ok and (best is None or ms < best["ms_graph"]):
                 best = row
+            dump()
+            return row
+
+        for cfg in configs:
+            measure(cfg)
+        if args.sweep == "v3" and not args.quick and best is not None:
+            for sp in (8, 12, 24, 33, 48):
+                measure(dict(best["cfg"], num_splits=sp))
         cfg = best["cfg"]
-        def kernel(magic=True, a=args_k, c=cfg):
-            return triton_decode.triton_decode_attention(**a, kv_start=None, magic=magic, **c)
+        best = dict(best)
+        best["err_softcap50"], _ = check(cfg, cap=50.0)
+        print(f"int{bits} best {cfg}: softcap 50 rel err {best['err_softcap50']:.1e}", flush=True)
+
+        def kernel(magic=True, a=args_k, c=cfg, ks=kv_start):
+            return triton_decode.triton_decode_attention(**a, kv_start=ks, magic=magic, **c)
 
         best["ms"] = bench(kernel, graph=False)
         best["ms_op"] = bench(lambda i=inp: quantized_decode_attention(**i, impl="triton"), graph=False)
-        best["ms_plain_convert"] = bench(lambda: kernel(magic=False), graph=True)
+        best["ms_plain_convert"] = bench(lambda: kernel(magic=False), graph=True, rep=args.rep)
         best["ms_torch_dequant"] = (bench(lambda i=inp: quantized_decode_attention(**i, impl="torch"), graph=False)
                                     if b * L <= 65536 else None)
         rows.append(dict(best, name=f"int{bits}-best"))
-        inp = None
+        base = next((r for r in rows if r["name"] == f"int{bits}" and r["cfg"].get("variant") == 2), None)
+        if base is not None:
+            rows.append(dict(base, name=f"int{bits}-v2"))
+        inp = refs = None
+        dump()
 
     print("\n| what | config | ms (graph) | ms (do_bench) | MB read | TB/s read | % copy bw | vs SDPA |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| copy | 2 x 2 GiB | | {t_copy:.4f} | | {copy_bw / 1e12:.2f} | 100 | |")
     for r in rows:
-        if r["name"] == "sdpa-bf16" or r["name"].endswith("-best"):
+        if r["name"] == "sdpa-bf16" or r["name"].endswith("-best") or r["name"].endswith("-v2"):
             ms = r["ms_graph"]
             bw = r["bytes"] / (ms * 1e-3)
             print(f"| {r['name']} | {r.get('cfg', '')} | {ms:.4f} | {r.get('ms', 0):.4f} | {r['bytes'] / 1e6:.1f} | "

@@ -176,6 +176,21 @@ INTERPRET_CASES += [
     ("plain-convert", 2, 2, 2, 1, 32, 64, 9, 4, 16, "channel", "bfloat16", [0, 3], 0.0, {"magic": False}),
     ("variant1-int4", 2, 2, 2, 3, 32, 64, 9, 4, 16, "channel", "float32", [0, 3], 0.0, {"variant": 1}),
     ("variant1-int2-token", 2, 2, 2, 1, 32, 45, 9, 2, 16, "token", "float32", [0, 3], 0.0, {"variant": 1}),
+    # v3: exact codes, value scales folded into p (the inline-PTX conversion itself runs only on a GPU)
+    ("v3-int4-fp32", 2, 2, 4, 1, 64, 96, 19, 4, 32, "channel", "float32", [0, 37], 0.0, {"variant": 3}),
+    ("v3-int4-bf16-q3", 2, 2, 2, 3, 64, 96, 19, 4, 32, "channel", "bfloat16", [0, 37], 0.0, {"variant": 3}),
+    ("v3-int4-reduce-bias", 2, 2, 2, 1, 32, 64, 9, 4, 16, "channel", "float32", [0, 3], 0.0,
+     {"variant": 3, "bias_dot": False}),
+    ("v3-int4-token", 2, 2, 2, 2, 64, 77, 19, 4, 32, "token", "float32", [0, 37], 0.0, {"variant": 3}),
+    ("v3-int8-fp32", 2, 2, 4, 1, 64, 96, 19, 8, 32, "channel", "float32", [0, 37], 0.0, {"variant": 3}),
+    ("v3-int8-fp16-token", 2, 2, 2, 1, 64, 77, 19, 8, 32, "token", "float16", [0, 37], 0.0, {"variant": 3}),
+    ("v3-one-group", 1, 2, 2, 1, 32, 160, 33, 4, 32, "channel", "float32", [7], 0.0,
+     {"variant": 3, "num_splits": 7, "block_n": 16}),
+    ("v3-softcap-residual-only", 2, 2, 2, 3, 32, 0, 45, 4, 16, "channel", "float32", [0, 9], 5.0, {"variant": 3}),
+    ("v3-v-join", 2, 2, 2, 3, 64, 96, 19, 4, 32, "channel", "float32", [0, 37], 0.0, {"variant": 3, "v_join": True}),
+    ("v3-v-join-bf16-residual-only", 2, 2, 2, 1, 32, 0, 45, 4, 16, "channel", "bfloat16", [0, 9], 0.0,
+     {"variant": 3, "v_join": True}),
+    ("v3-padding-into-residual", 2, 1, 4, 1, 32, 32, 20, 8, 16, "channel", "float32", [3, 40], 0.0, {"variant": 3}),
 ]
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
 
@@ -244,6 +259,31 @@ def test_triton_kernel_matches_reference_gpu(case):
         ref = quantized_decode_attention(**inp, kv_start=kv_start, softcap=softcap, impl="torch")
         assert torch.isfinite(out).all()
         assert rel_err(out, ref) < 1e-2
+
+
+V3_GPU_CASES = [  # bits, key_mode, dtype: variant 3 explicitly (inline-PTX code conversion), whatever the default
+    (4, "channel", torch.bfloat16), (4, "token", torch.bfloat16), (4, "channel", torch.float16),
+    (8, "channel", torch.bfloat16), (8, "token", torch.float16), (8, "channel", torch.float16),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernel at real shapes)")
+@pytest.mark.parametrize("case", V3_GPU_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_triton_v3_matches_reference_gpu(case):
+    pytest.importorskip("triton", reason="triton is not installed (optional dependency)")
+    from kvpress_lite.kernels import triton_decode
+
+    bits, mode, dtype = case
+    inp = make_inputs(3, 8, 4, 2, 128, 4096, 77, bits, 64, mode, dtype=dtype, device="cuda", seed=bits)
+    kv_start = torch.tensor([0, 5, 300], device="cuda")
+    args = {k: v for k, v in inp.items() if k != "key_mode"}
+    for softcap in (0.0, 30.0):
+        ref = quantized_decode_attention(**inp, kv_start=kv_start, softcap=softcap, impl="torch")
+        for extra in ({}, {"bias_dot": False}, {"v_join": True}):
+            out = triton_decode.triton_decode_attention(**args, kv_start=kv_start, softcap=softcap,
+                                                        key_per_channel=mode == "channel", variant=3, **extra)
+            assert torch.isfinite(out).all()
+            assert rel_err(out, ref) < 1e-2, (softcap, extra, rel_err(out, ref))
 
 
 if __name__ == "__main__" and "--interpret" in sys.argv:

@@ -373,6 +373,287 @@ def _decode_split_kernel_v2(
         tl.store(po + 3, acc3)
 
 
+# ---------------------------------------------------------------------------------------------- v3
+# Exact codes as 16-bit floats, two packed per 32-bit register, straight from the packed bytes (inline PTX, GPU only):
+# prmt spreads bytes b0, b1 into the two 16-bit halves, lop3 ORs a nibble into the mantissa of a magic number
+# (bf16 0x4300 = 128, fp16 0x6400 = 1024) and one packed fma removes the magic. fp16 (10 mantissa bits) takes the
+# high nibble in place (1024 + 16 c, scale 1/16); bf16 has 7, so the high nibble is shifted down by one first
+# (128 + 8 c, scale 1/8). ~1.5 instructions per code; int8 adds the two nibbles with one more fma.
+def _asm_int4(kind):
+    if kind == "bf16":  # magic, one, -magic, hi scale, -magic * hi scale, hi mask, hi shift
+        magic, one, neg_magic, hscale, hneg, hmask, shift = ("0x43004300", "0x3F803F80", "0xC300C300", "0x3E003E00",
+                                                             "0xC180C180", "0x00780078", 1)
+        op = "bf16x2"
+    else:
+        magic, one, neg_magic, hscale, hneg, hmask, shift = ("0x64006400", "0x3C003C00", "0xE400E400", "0x2C002C00",
+                                                             "0xD400D400", "0x00F000F0", 0)
+        op = "f16x2"
+    src0, src1 = ("h0", "h1") if shift else ("t0", "t1")
+    shifts = f"shr.b32 h0, t0, {shift};\n    shr.b32 h1, t1, {shift};" if shift else ""
+    return f"""{{
+    .reg .b32 t0, t1, h0, h1, one, nm, hs, hn;
+    mov.b32 one, {one};
+    mov.b32 nm, {neg_magic};
+    mov.b32 hs, {hscale};
+    mov.b32 hn, {hneg};
+    prmt.b32 t0, $4, 0, 0x4140;
+    prmt.b32 t1, $4, 0, 0x4342;
+    {shifts}
+    lop3.b32 $0, t0, 0x000F000F, {magic}, 0xEA;
+    lop3.b32 $1, t1, 0x000F000F, {magic}, 0xEA;
+    lop3.b32 $2, {src0}, {hmask}, {magic}, 0xEA;
+    lop3.b32 $3, {src1}, {hmask}, {magic}, 0xEA;
+    fma.rn.{op} $0, $0, one, nm;
+    fma.rn.{op} $1, $1, one, nm;
+    fma.rn.{op} $2, $2, hs, hn;
+    fma.rn.{op} $3, $3, hs, hn;
+    }}"""
+
+
+ASM_INT4_BF16 = tl.constexpr(_asm_int4("bf16"))
+ASM_INT4_FP16 = tl.constexpr(_asm_int4("fp16"))
+# int8, bf16 (c <= 255 is exact in bf16, 128 + c is not): a = (128 + lo) - 384 = lo - 256, c = 2 (128 + 8 hi) + a
+ASM_INT8_BF16 = tl.constexpr("""{
+    .reg .b32 t0, t1, h0, h1, l0, l1, one, two, m384;
+    mov.b32 one, 0x3F803F80;
+    mov.b32 two, 0x40004000;
+    mov.b32 m384, 0xC3C0C3C0;
+    prmt.b32 t0, $2, 0, 0x4140;
+    prmt.b32 t1, $2, 0, 0x4342;
+    shr.b32 h0, t0, 1;
+    shr.b32 h1, t1, 1;
+    lop3.b32 l0, t0, 0x000F000F, 0x43004300, 0xEA;
+    lop3.b32 l1, t1, 0x000F000F, 0x43004300, 0xEA;
+    lop3.b32 $0, h0, 0x00780078, 0x43004300, 0xEA;
+    lop3.b32 $1, h1, 0x00780078, 0x43004300, 0xEA;
+    fma.rn.bf16x2 l0, l0, one, m384;
+    fma.rn.bf16x2 l1, l1, one, m384;
+    fma.rn.bf16x2 $0, $0, two, l0;
+    fma.rn.bf16x2 $1, $1, two, l1;
+    }""")
+# int8, fp16: 1024 + c is exact
+ASM_INT8_FP16 = tl.constexpr("""{
+    .reg .b32 one, nm;
+    mov.b32 one, 0x3C003C00;
+    mov.b32 nm, 0xE400E400;
+    prmt.b32 $0, $2, 0, 0x4140;
+    prmt.b32 $1, $2, 0, 0x4342;
+    or.b32 $0, $0, 0x64006400;
+    or.b32 $1, $1, 0x64006400;
+    fma.rn.f16x2 $0, $0, one, nm;
+    fma.rn.f16x2 $1, $1, one, nm;
+    }""")
+
+
+@triton.jit
+def _codes(b, BITS: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr):
+    """uint8 bytes `[..., J]` -> exact codes in DT: (phase 0 = low nibble, phase 1 = high nibble) for 4 bits, (code,
+    code) for 8 bits. ASM: inline PTX on packed registers (CUDA, DT bf16/fp16); else plain Triton (interpreter)."""
+    if ASM:
+        if BITS == 4:
+            if DT == tl.bfloat16:
+                lo, hi = tl.inline_asm_elementwise(ASM_INT4_BF16, "=r,=r,=r,=r,r", [b],
+                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            else:
+                lo, hi = tl.inline_asm_elementwise(ASM_INT4_FP16, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
+                                                   is_pure=True, pack=4)
+            return lo, hi
+        else:
+            if DT == tl.bfloat16:
+                c = tl.inline_asm_elementwise(ASM_INT8_BF16, "=r,=r,r", [b], dtype=tl.bfloat16, is_pure=True, pack=4)
+            else:
+                c = tl.inline_asm_elementwise(ASM_INT8_FP16, "=r,=r,r", [b], dtype=tl.float16, is_pure=True, pack=4)
+            return c, c
+    else:
+        if BITS == 4:
+            return (b & 0xF).to(tl.float32).to(DT), (b >> 4).to(tl.float32).to(DT)
+        else:
+            c = b.to(tl.float32).to(DT)
+            return c, c
+
+
+@triton.jit(do_not_specialize=["T", "R", "TILES_PER_SPLIT", "S_HIST", "S_TOTAL"])  # no recompiles as T, R grow
+def _decode_split_kernel_v3(
+    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, KV_START, PM, PL, PO,
+    scaling, softcap, T, R, HKV, TILES_PER_SPLIT, S_HIST, S_TOTAL,
+    GQ: tl.constexpr, NQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+    KEY_PER_CHANNEL: tl.constexpr, HAS_START: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    ASM: tl.constexpr, VDT: tl.constexpr, PRECISION: tl.constexpr, BIAS_DOT: tl.constexpr = False,
+    CDT: tl.constexpr = None, V_JOIN: tl.constexpr = False,
+):
+    """v3 (4 and 8 bits, D / G <= 2 value groups): phase-split like v2, codes enter both dots as exact small integers
+    (`_codes`), and per-token value scales/zeros never touch the [N, D] tile: for value group g
+    `o_g += (p * s_g) @ c_g` and `o_g += p @ z_g` (the zeros of all groups in one [N, 16] dot, added at the end).
+    CDT: the codes' float type in the dots (the queries' 16-bit type; fp16 for 8-bit codes, where 1024 + c is exact);
+    BIAS_DOT: per-channel key zeros enter the score dot (z broadcast over tokens) instead of a row reduction.
+    V_JOIN (4 bits): a value group's two phases are joined back into channel order before the dot (the 16-bit tile
+    reaches the MMA through shared memory instead of byte gathers), one accumulator per group."""
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bh // HKV
+    PB: tl.constexpr = 8 // BITS
+    DB: tl.constexpr = D // PB
+    NG: tl.constexpr = D // G
+    GB: tl.constexpr = G // PB
+    M: tl.constexpr = GQ * NQ
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, DB)
+    offs_c = tl.arange(0, GB)
+    VJ: tl.constexpr = V_JOIN and PB == 2
+    AW: tl.constexpr = G if VJ else GB  # accumulator width: a value group in channel order, or one phase of it
+    offs_a = tl.arange(0, AW)
+    offs_z = tl.arange(0, 16)
+    offs_g = tl.arange(0, NG)
+    row_ok = offs_m < M
+    head = pid_bh * GQ + offs_m // NQ
+    qi = offs_m % NQ
+    q_row = Q + ((head * NQ + qi) * D)[:, None] + offs_j[None, :] * PB
+    q0 = tl.load(q_row, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q1 = q0
+    if PB == 2:
+        q1 = tl.load(q_row + 1, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    qpos = T + R - NQ + qi
+    if HAS_START:
+        start = tl.load(KV_START + b).to(tl.int32)
+    else:
+        start = 0
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    a00 = tl.zeros([BLOCK_M, AW], tl.float32)  # a<phase><group>
+    a10 = tl.zeros([BLOCK_M, AW], tl.float32)
+    a01 = tl.zeros([BLOCK_M, AW], tl.float32)
+    a11 = tl.zeros([BLOCK_M, AW], tl.float32)
+    zacc = tl.zeros([BLOCK_M, 16], tl.float32)  # column g: sum_n p * value_zero[n, g]
+    span = TILES_PER_SPLIT * BLOCK_N
+    if pid_s < S_HIST:
+        lo = pid_s * span
+        hi = tl.minimum(T, lo + span)
+        lo = tl.maximum(lo, (start // BLOCK_N) * BLOCK_N)
+        bh_t = pid_bh.to(tl.int64) * T
+        for t0 in range(lo, hi, BLOCK_N):
+            pos = t0 + offs_n
+            n_ok = pos < T
+            rows = bh_t + pos
+            kb = tl.load(KC + rows[:, None] * DB + offs_j[None, :], mask=n_ok[:, None], other=0)
+            k0, k1 = _codes(kb, BITS, ASM, CDT)
+            if KEY_PER_CHANNEL:
+                kp = KS + ((bh_t + t0) // G) * D + offs_j * PB
+                zp = KZ + ((bh_t + t0) // G) * D + offs_j * PB
+                qs = (q0 * tl.load(kp).to(tl.float32)[None, :]).to(CDT)
+                s = tl.dot(qs, tl.trans(k0), input_precision=PRECISION)
+                if PB == 2:
+                    qs = (q1 * tl.load(kp + 1).to(tl.float32)[None, :]).to(CDT)
+                    s = tl.dot(qs, tl.trans(k1), acc=s, input_precision=PRECISION)
+                if BIAS_DOT:  # q . z on the tensor cores: z broadcast over the tile's tokens (exact bf16 products)
+                    zb = tl.broadcast_to(tl.load(zp)[:, None], (DB, BLOCK_N)).to(VDT)
+                    s = tl.dot(q0.to(VDT), zb, acc=s, input_precision=PRECISION)
+                    if PB == 2:
+                        zb = tl.broadcast_to(tl.load(zp + 1)[:, None], (DB, BLOCK_N)).to(VDT)
+                        s = tl.dot(q1.to(VDT), zb, acc=s, input_precision=PRECISION)
+                else:
+                    bias = tl.sum(q0 * tl.load(zp).to(tl.float32)[None, :], 1)
+                    if PB == 2:
+                        bias += tl.sum(q1 * tl.load(zp + 1).to(tl.float32)[None, :], 1)
+                    s += bias[:, None]
+            else:
+                ks = tl.load(KS + rows[:, None] * NG + offs_g[None, :], mask=n_ok[:, None], other=0).to(tl.float32)
+                kz = tl.load(KZ + rows[:, None] * NG + offs_g[None, :], mask=n_ok[:, None], other=0).to(tl.float32)
+                ksb = _expand_groups(ks, BLOCK_N, NG, DB // NG)
+                kzb = _expand_groups(kz, BLOCK_N, NG, DB // NG)
+                k = (k0.to(tl.float32) * ksb + kzb).to(VDT)
+                s = tl.dot(q0.to(VDT), tl.trans(k), input_precision=PRECISION)
+                if PB == 2:
+                    k = (k1.to(tl.float32) * ksb + kzb).to(VDT)
+                    s += tl.dot(q1.to(VDT), tl.trans(k), input_precision=PRECISION)
+            p, alpha, m_i, l_i = _softmax_weights(s, pos, n_ok, qpos, start, m_i, l_i, scaling, softcap, USE_SOFTCAP)
+            vz = tl.load(VZ + rows[:, None] * NG + offs_z[None, :], mask=n_ok[:, None] & (offs_z < NG)[None, :],
+                         other=0).to(VDT)
+            zacc = zacc * alpha[:, None] + tl.dot(p.to(VDT), vz, input_precision=PRECISION)
+            vs = tl.load(VS + rows * NG, mask=n_ok, other=0).to(tl.float32)
+            pg = (p * vs[None, :]).to(CDT)
+            vb = tl.load(VC + rows[:, None] * DB + offs_c[None, :], mask=n_ok[:, None], other=0)
+            v0, v1 = _codes(vb, BITS, ASM, CDT)
+            if VJ:
+                a00 = a00 * alpha[:, None] + tl.dot(pg, tl.reshape(tl.join(v0, v1), (BLOCK_N, G)),
+                                                    input_precision=PRECISION)
+            else:
+                a00 = a00 * alpha[:, None] + tl.dot(pg, v0, input_precision=PRECISION)
+                if PB == 2:
+                    a10 = a10 * alpha[:, None] + tl.dot(pg, v1, input_precision=PRECISION)
+            if NG == 2:
+                vs = tl.load(VS + rows * NG + 1, mask=n_ok, other=0).to(tl.float32)
+                pg = (p * vs[None, :]).to(CDT)
+                vb = tl.load(VC + rows[:, None] * DB + GB + offs_c[None, :], mask=n_ok[:, None], other=0)
+                v0, v1 = _codes(vb, BITS, ASM, CDT)
+                if VJ:
+                    a01 = a01 * alpha[:, None] + tl.dot(pg, tl.reshape(tl.join(v0, v1), (BLOCK_N, G)),
+                                                        input_precision=PRECISION)
+                else:
+                    a01 = a01 * alpha[:, None] + tl.dot(pg, v0, input_precision=PRECISION)
+                    if PB == 2:
+                        a11 = a11 * alpha[:, None] + tl.dot(pg, v1, input_precision=PRECISION)
+    else:
+        lo = (pid_s - S_HIST) * span
+        hi = tl.minimum(R, lo + span)
+        lo = tl.maximum(lo, ((start - T) // BLOCK_N) * BLOCK_N)
+        bh_r = pid_bh.to(tl.int64) * R
+        for r0 in tl.range(lo, hi, BLOCK_N, num_stages=1):
+            rr = r0 + offs_n
+            n_ok = rr < R
+            base_r = (bh_r + rr)[:, None] * D
+            ptr = base_r + offs_j[None, :] * PB
+            s = tl.dot(q0.to(VDT), tl.trans(tl.load(RK + ptr, mask=n_ok[:, None], other=0.0).to(VDT)),
+                       input_precision=PRECISION)
+            if PB == 2:
+                s += tl.dot(q1.to(VDT), tl.trans(tl.load(RK + ptr + 1, mask=n_ok[:, None], other=0.0).to(VDT)),
+                            input_precision=PRECISION)
+            p, alpha, m_i, l_i = _softmax_weights(s, T + rr, n_ok, qpos, start, m_i, l_i, scaling, softcap,
+                                                  USE_SOFTCAP)
+            p = p.to(VDT)
+            if VJ:
+                ptr = base_r + offs_a[None, :]
+            else:
+                ptr = base_r + offs_a[None, :] * PB
+            v = tl.load(RV + ptr, mask=n_ok[:, None], other=0.0).to(VDT)
+            a00 = a00 * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+            if PB == 2 and not VJ:
+                v = tl.load(RV + ptr + 1, mask=n_ok[:, None], other=0.0).to(VDT)
+                a10 = a10 * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+            if NG == 2:
+                v = tl.load(RV + ptr + G, mask=n_ok[:, None], other=0.0).to(VDT)
+                a01 = a01 * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+                if PB == 2 and not VJ:
+                    v = tl.load(RV + ptr + G + 1, mask=n_ok[:, None], other=0.0).to(VDT)
+                    a11 = a11 * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+    base = (pid_bh * S_TOTAL + pid_s) * BLOCK_M + offs_m
+    tl.store(PM + base, m_i)
+    tl.store(PL + base, l_i)
+    if VJ:
+        po = PO + base[:, None] * D + offs_a[None, :]
+    else:
+        po = PO + base[:, None] * D + offs_a[None, :] * PB
+    z0 = tl.sum(tl.where(offs_z[None, :] == 0, zacc, 0.0), 1)[:, None]
+    tl.store(po, a00 + z0)
+    if PB == 2 and not VJ:
+        tl.store(po + 1, a10 + z0)
+    if NG == 2:
+        z1 = tl.sum(tl.where(offs_z[None, :] == 1, zacc, 0.0), 1)[:, None]
+        tl.store(po + G, a01 + z1)
+        if PB == 2 and not VJ:
+            tl.store(po + G + 1, a11 + z1)
+
+
+def v3_supported(bits: int, head_dim: int, group_size: int) -> bool:
+    """v3 covers 4 and 8 bits with at most two value groups per head (D / G <= 2); v2 runs the rest."""
+    return bits in (4, 8) and head_dim // group_size <= 2
+
+
+# default kernel variant (3 where it applies, docs/kernels.md); KVPRESS_DECODE_VARIANT=1/2/3 overrides it
+DEFAULT_VARIANT = int(os.environ.get("KVPRESS_DECODE_VARIANT", "2"))
+DEFAULT_STAGES = {1: 3, 2: 3, 3: 3}
+
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
@@ -386,9 +667,16 @@ def triton_decode_attention(query, key_codes, key_scale, key_zero, value_codes, 
                             residual_keys, residual_values, kv_start, bits: int, group_size: int,
                             key_per_channel: bool, scaling: float, softcap: float = 0.0, *,
                             block_n: int | None = None, num_splits: int | None = None, num_warps: int = 2,
-                            num_stages: int = 3, magic: bool = True, variant: int = 2) -> torch.Tensor:
+                            num_stages: int | None = None, magic: bool = True, variant: int | None = None,
+                            bias_dot: bool = True, v_join: bool = False) -> torch.Tensor:
     """Triton path of `quantized_decode_attention` (arguments validated by the caller; see reference.py)."""
     b, hq, nq, d = query.shape
+    if variant is None:
+        variant = DEFAULT_VARIANT
+    if variant == 3 and not v3_supported(bits, d, group_size):
+        variant = 2
+    if num_stages is None:
+        num_stages = DEFAULT_STAGES.get(variant, 3)
     has_hist = key_codes is not None and key_codes.shape[2] > 0
     has_res = residual_keys is not None and residual_keys.shape[2] > 0
     any_kv = key_codes if has_hist else residual_keys
@@ -436,15 +724,19 @@ def triton_decode_attention(query, key_codes, key_scale, key_zero, value_codes, 
                               for x in (key_codes, key_scale, key_zero, value_codes, value_scale, value_zero))
     rk, rv = (x.contiguous() if has_res else dummy for x in (residual_keys, residual_values))
     start = kv_start.contiguous() if kv_start is not None else dummy
-    kernel = _decode_split_kernel_v2 if variant == 2 else _decode_split_kernel
-    kernel[(b * hkv, s_total)](
-        q, kc, ks, kz, vc, vs, vz, rk, rv, start, pm, pl, po,
-        float(scaling), float(softcap or 1.0), t, r, hkv, tiles_per_split, s_hist, s_total,
-        GQ=gq, NQ=nq, BLOCK_M=block_m, BLOCK_N=block_n, D=d, BITS=bits, G=group_size,
-        KEY_PER_CHANNEL=bool(key_per_channel), HAS_START=kv_start is not None, USE_SOFTCAP=bool(softcap),
-        MAGIC=magic, OFF=off, KDT=kdt, VDT=vdt, PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    common = dict(GQ=gq, NQ=nq, BLOCK_M=block_m, BLOCK_N=block_n, D=d, BITS=bits, G=group_size,
+                  KEY_PER_CHANNEL=bool(key_per_channel), HAS_START=kv_start is not None, USE_SOFTCAP=bool(softcap),
+                  VDT=vdt, PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
+    args = (q, kc, ks, kz, vc, vs, vz, rk, rv, start, pm, pl, po,
+            float(scaling), float(softcap or 1.0), t, r, hkv, tiles_per_split, s_hist, s_total)
+    if variant == 3:  # exact codes, value scales folded into p; inline PTX needs a GPU and 16-bit floats
+        asm = bool(magic) and not INTERPRET and dtype in (torch.bfloat16, torch.float16)
+        cdt = tl.float16 if asm and bits == 8 else vdt
+        _decode_split_kernel_v3[(b * hkv, s_total)](*args, ASM=asm, BIAS_DOT=bool(bias_dot), CDT=cdt,
+                                                      V_JOIN=bool(v_join), **common)
+    else:
+        kernel = _decode_split_kernel_v2 if variant == 2 else _decode_split_kernel
+        kernel[(b * hkv, s_total)](*args, MAGIC=magic, OFF=off, KDT=kdt, **common)
     _decode_reduce_kernel[(b * hkv, gq * nq)](
         pm, pl, po, out, s_total, GQ=gq, NQ=nq, BLOCK_M=block_m, D=d,
         BLOCK_S=triton.next_power_of_2(s_total), num_warps=4,
@@ -465,4 +757,4 @@ def supported_shape(head_dim: int, bits: int, group_size: int, key_per_channel: 
     return None
 
 
-__all__ = ["INTERPRET", "supported_shape", "triton_decode_attention"]
+__all__ = ["INTERPRET", "supported_shape", "triton_decode_attention", "v3_supported"]
