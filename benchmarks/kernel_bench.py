@@ -78,9 +78,11 @@ def main(argv=None):
     p.add_argument("--bits", type=int, nargs="+", default=[4, 8])
     p.add_argument("--key-mode", default="channel", choices=["channel", "token"])
     p.add_argument("--quick", action="store_true", help="default config only, no sweep")
-    p.add_argument("--sweep", default="v3", choices=["v3", "v2"],
-                   help="v3: v2 baseline + v3 warps/stages/bias_dot, then splits for the best; v2: the old grid")
+    p.add_argument("--sweep", default="v3", choices=["v3", "occ", "v2"],
+                   help="v3: v2 baseline + v3 warps/stages/bias_dot, then splits for the best; occ: v3 register caps "
+                        "x splits (occupancy vs waves); v2: the old grid")
     p.add_argument("--rep", type=int, default=200, help="ms of graph replays per timed config")
+    p.add_argument("--lean", action="store_true", help="skip the best config's extra timings (op, plain converts)")
     p.add_argument("--json", default=None, help="write every measurement here")
     p.add_argument("--profile", default=None, metavar="JSON",
                    help="run only this kernel config (a JSON dict) a few times, for ncu; no timing")
@@ -167,6 +169,11 @@ def main(argv=None):
                         for bd, w, st in ((True, 2, 3), (True, 2, 2), (True, 4, 3), (True, 4, 2), (False, 2, 3))]
             if bits == 4:
                 configs += [dict(variant=3, num_warps=w, num_stages=3, v_join=True) for w in (2, 4)]
+        elif args.sweep == "occ":
+            base_cfg = dict(variant=3, num_warps=2, num_stages=2 if bits == 4 else 3, bias_dot=True)
+            configs = [dict(variant=2, num_warps=2, num_stages=3)]
+            configs += [dict(base_cfg, maxnreg=mr, num_splits=sp) for mr in (None, 200, 168)
+                        for sp in (7, 8, 10, 12, 16)]
         else:
             configs = [dict(variant=v, num_warps=w, num_stages=s, num_splits=sp)
                        for v, w, s, sp in itertools.product((1, 2), (4, 2), (2, 3, 4), (16, 32)) if v == 2 or w == 4]
@@ -207,6 +214,14 @@ def main(argv=None):
         def kernel(magic=True, a=args_k, c=cfg, ks=kv_start):
             return triton_decode.triton_decode_attention(**a, kv_start=ks, magic=magic, **c)
 
+        if args.lean:  # the sweep only
+            rows.append(dict(best, name=f"int{bits}-best"))
+            base = next((r for r in rows if r["name"] == f"int{bits}" and r["cfg"].get("variant") == 2), None)
+            if base is not None:
+                rows.append(dict(base, name=f"int{bits}-v2"))
+            inp = refs = None
+            dump()
+            continue
         best["ms"] = bench(kernel, graph=False)
         best["ms_op"] = bench(lambda i=inp: quantized_decode_attention(**i, impl="triton"), graph=False)
         best["ms_plain_convert"] = bench(lambda: kernel(magic=False), graph=True, rep=args.rep)
@@ -229,7 +244,7 @@ def main(argv=None):
             print(f"| {r['name']} | {r.get('cfg', '')} | {ms:.4f} | {r.get('ms', 0):.4f} | {r['bytes'] / 1e6:.1f} | "
                   f"{bw / 1e12:.2f} | {100 * bw / copy_bw:.0f} | {t_sdpa_g / ms:.2f}x |")
     for r in rows:
-        if r["name"].endswith("-best"):
+        if r["name"].endswith("-best") and "ms_op" in r:
             print(f"{r['name']}: op incl. Python launch {r['ms_op']:.4f} ms; plain int->float converts "
                   f"{r['ms_plain_convert']:.4f} ms (graph)")
     if args.json:

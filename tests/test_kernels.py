@@ -176,7 +176,10 @@ INTERPRET_CASES += [
     ("plain-convert", 2, 2, 2, 1, 32, 64, 9, 4, 16, "channel", "bfloat16", [0, 3], 0.0, {"magic": False}),
     ("variant1-int4", 2, 2, 2, 3, 32, 64, 9, 4, 16, "channel", "float32", [0, 3], 0.0, {"variant": 1}),
     ("variant1-int2-token", 2, 2, 2, 1, 32, 45, 9, 2, 16, "token", "float32", [0, 3], 0.0, {"variant": 1}),
-    # v3: exact codes, value scales folded into p (the inline-PTX conversion itself runs only on a GPU)
+    ("variant2-int4-bf16", 2, 2, 2, 3, 64, 96, 19, 4, 32, "channel", "bfloat16", [0, 37], 0.0, {"variant": 2}),
+    ("variant2-int8-fp16-token", 2, 2, 2, 1, 64, 77, 19, 8, 32, "token", "float16", [0, 37], 0.0, {"variant": 2}),
+    # v3 (the default where it applies): exact codes, value scales folded into p (the inline-PTX conversion itself
+    # runs only on a GPU)
     ("v3-int4-fp32", 2, 2, 4, 1, 64, 96, 19, 4, 32, "channel", "float32", [0, 37], 0.0, {"variant": 3}),
     ("v3-int4-bf16-q3", 2, 2, 2, 3, 64, 96, 19, 4, 32, "channel", "bfloat16", [0, 37], 0.0, {"variant": 3}),
     ("v3-int4-reduce-bias", 2, 2, 2, 1, 32, 64, 9, 4, 16, "channel", "float32", [0, 3], 0.0,

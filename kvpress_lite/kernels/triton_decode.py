@@ -650,9 +650,14 @@ def v3_supported(bits: int, head_dim: int, group_size: int) -> bool:
     return bits in (4, 8) and head_dim // group_size <= 2
 
 
-# default kernel variant (3 where it applies, docs/kernels.md); KVPRESS_DECODE_VARIANT=1/2/3 overrides it
-DEFAULT_VARIANT = int(os.environ.get("KVPRESS_DECODE_VARIANT", "2"))
-DEFAULT_STAGES = {1: 3, 2: 3, 3: 3}
+# default kernel variant: 3 where it applies (4/8 bits, D / G <= 2), else 2 (docs/kernels.md); the environment variable
+# KVPRESS_DECODE_VARIANT=1/2/3 overrides it (tests, benchmarks)
+DEFAULT_VARIANT = int(os.environ.get("KVPRESS_DECODE_VARIANT", "3"))
+# v3 launch defaults per bit width with 2 warps, from the H200 sweeps at 32k x 8 (docs/kernels.md): pipeline stages,
+# register cap, and the programs per SM that it leaves resident (252 registers: 4; capped at 168: 6). The split count
+# is then chosen so that the history programs fill the GPU once (one wave): the kernel is latency-bound, and a
+# second, partly filled wave cost up to 35% in the sweeps.
+V3_DEFAULTS = {4: dict(num_stages=2, maxnreg=168, per_sm=6), 8: dict(num_stages=3, maxnreg=None, per_sm=4)}
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -668,15 +673,26 @@ def triton_decode_attention(query, key_codes, key_scale, key_zero, value_codes, 
                             key_per_channel: bool, scaling: float, softcap: float = 0.0, *,
                             block_n: int | None = None, num_splits: int | None = None, num_warps: int = 2,
                             num_stages: int | None = None, magic: bool = True, variant: int | None = None,
-                            bias_dot: bool = True, v_join: bool = False) -> torch.Tensor:
+                            bias_dot: bool = True, v_join: bool = False,
+                            maxnreg: int | None | str = "auto") -> torch.Tensor:
     """Triton path of `quantized_decode_attention` (arguments validated by the caller; see reference.py)."""
     b, hq, nq, d = query.shape
     if variant is None:
         variant = DEFAULT_VARIANT
     if variant == 3 and not v3_supported(bits, d, group_size):
         variant = 2
+    per_sm = None  # resident programs per SM, when known (v3 defaults)
+    if variant == 3:
+        tuned = V3_DEFAULTS[bits]
+        if num_stages is None:
+            num_stages = tuned["num_stages"]
+        if maxnreg == "auto":
+            maxnreg = tuned["maxnreg"] if num_warps == 2 else None
+            per_sm = tuned["per_sm"] if num_warps == 2 and num_stages == tuned["num_stages"] else None
+    if maxnreg == "auto":
+        maxnreg = None
     if num_stages is None:
-        num_stages = DEFAULT_STAGES.get(variant, 3)
+        num_stages = 3
     has_hist = key_codes is not None and key_codes.shape[2] > 0
     has_res = residual_keys is not None and residual_keys.shape[2] > 0
     any_kv = key_codes if has_hist else residual_keys
@@ -693,7 +709,9 @@ def triton_decode_attention(query, key_codes, key_scale, key_zero, value_codes, 
 
     n_tiles_h = triton.cdiv(t, block_n)
     n_tiles_r = triton.cdiv(r, block_n)
-    if num_splits is None:  # ~8 programs per SM (measured best at 32k x 8 on an H200, docs/kernels.md)
+    if num_splits is None and per_sm is not None:  # v3: one wave of history programs (docs/kernels.md)
+        num_splits = max(1, per_sm * _num_sms(query.device) // (b * hkv))
+    elif num_splits is None:  # v1/v2: ~8 programs per SM (measured at 32k x 8 on an H200, docs/kernels.md)
         num_splits = max(1, triton.cdiv(8 * _num_sms(query.device), b * hkv))
     tiles_per_split = max(1, triton.cdiv(n_tiles_h + n_tiles_r, num_splits))
     s_hist = triton.cdiv(n_tiles_h, tiles_per_split)
@@ -727,6 +745,8 @@ def triton_decode_attention(query, key_codes, key_scale, key_zero, value_codes, 
     common = dict(GQ=gq, NQ=nq, BLOCK_M=block_m, BLOCK_N=block_n, D=d, BITS=bits, G=group_size,
                   KEY_PER_CHANNEL=bool(key_per_channel), HAS_START=kv_start is not None, USE_SOFTCAP=bool(softcap),
                   VDT=vdt, PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
+    if maxnreg is not None and not INTERPRET:  # register cap per thread: more programs per SM, a few spills
+        common["maxnreg"] = int(maxnreg)
     args = (q, kc, ks, kz, vc, vs, vz, rk, rv, start, pm, pl, po,
             float(scaling), float(softcap or 1.0), t, r, hkv, tiles_per_split, s_hist, s_total)
     if variant == 3:  # exact codes, value scales folded into p; inline PTX needs a GPU and 16-bit floats
