@@ -7,8 +7,11 @@ bf16 K/V), the kernel's time per bit width and config (triton.testing.do_bench m
 graph replay, which removes Python launch overhead), bytes read / s, and the speedup; checks the kernel against the
 torch reference at the same shape first.
 
-    python benchmarks/kernel_bench.py                       # full sweep (about 3 minutes on an H200)
-    python benchmarks/kernel_bench.py --quick --json out.json
+    python benchmarks/kernel_bench.py --rep 100 --json out.json    # v2 vs v3 sweep, then splits (~2 min on an H200)
+    python benchmarks/kernel_bench.py --sweep occ --lean --rep 100 # v3 register caps x split counts (~1 min)
+    python benchmarks/kernel_bench.py --quick --json out.json      # the defaults only
+
+Every timed config is first checked against the torch reference at the same shape (left padding on).
 """
 
 from __future__ import annotations
