@@ -30,7 +30,8 @@ def test_shipped_recipes_parse_with_the_baseline_first(path):
 
 def test_quickstart_sweep_and_defaults():
     recipe = load_recipe(RECIPES / "quickstart.yaml")
-    assert [c.label for c in recipe.caches] == ["dynamic", "int8", "int4", "hf-quanto-int4", "h2o-0.5"]
+    assert [c.label for c in recipe.caches] == ["dynamic", "int8", "int4", "hf-quanto-int4", "h2o-0.5", "tova-0.5-int4",
+                                                "crosslayer-plan"]
     assert recipe.perplexity.chunk_size == 16 and recipe.perplexity.source == "pydoc"
     assert recipe.tasks["passkey"].params.digits == 5  # task default kept
 
