@@ -104,6 +104,18 @@ def passthrough_layer(layer_type: str, kwargs: dict):
     return DynamicLayer()
 
 
+def reset_layer(layer) -> None:
+    """Empty one cache layer for a new prompt, on every supported version.
+
+    transformers 5.17's `DynamicLayer.reset` zeroes its tensors but keeps them (a reused cache would attend to zero
+    keys, and a sliding layer would report the old length); 5.18+ drops them. Do what 5.18+ does everywhere.
+    """
+    if isinstance(layer, DynamicLayer):
+        layer.keys = layer.values = None
+        layer.is_initialized = False
+    layer.reset()
+
+
 def kv_geometry(config) -> tuple[int, int]:
     """(num_key_value_heads, head_dim) of a decoder config."""
     config = decoder_config(config)

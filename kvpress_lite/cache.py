@@ -15,7 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ._compat import Cache, decoder_config, kv_geometry, layer_specs, passthrough_layer, validate_attention_model
+from ._compat import (
+    Cache,
+    decoder_config,
+    kv_geometry,
+    layer_specs,
+    passthrough_layer,
+    reset_layer,
+    validate_attention_model,
+)
 
 
 @dataclass(frozen=True)
@@ -97,5 +105,6 @@ class CompressedCache(Cache):
 
     def reset(self) -> None:
         """Drop every cached token (all layers); the cache can then serve a new prompt."""
-        super().reset()
+        for layer in self.layers:
+            reset_layer(layer)
         self._last_layer = -1

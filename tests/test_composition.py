@@ -129,6 +129,17 @@ def test_empty_prompt_and_reuse_without_reset_raise_and_reset_recovers(make_cach
         cache.detach()
 
 
+def test_reset_empties_sliding_layers_too_on_every_transformers_version():
+    """transformers 5.17 zeroes (not drops) a DynamicLayer on reset: a reused hybrid cache must still start empty."""
+    model = tiny_gemma3()
+    cache = QuantizedKVCache(model, bits=4, **TINY)
+    ids = torch.randint(1, 128, (1, 30), generator=torch.Generator().manual_seed(3))
+    first = _generate(model, cache, ids, max_new_tokens=4, do_sample=False)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and all(layer.get_seq_length() == 0 for layer in cache.layers)
+    assert torch.equal(_generate(model, cache, ids, max_new_tokens=4, do_sample=False), first)
+
+
 def test_every_family_accepts_the_model_and_config_where_no_model_is_needed():
     model = tiny_llama()
     assert QuantizedKVCache(model, bits=4, **TINY).geometry == QuantizedKVCache(model.config, bits=4, **TINY).geometry
