@@ -31,6 +31,11 @@ def _positive_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
 
 
+def gather_slots(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`tensor[b, h, index[b, h, k], :]`: `[B, H, P, X]` -> `[B, H, K, X]` in new storage (the old buffer is freed)."""
+    return tensor.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, tensor.shape[-1]))
+
+
 @dataclass(frozen=True)
 class StorageSpec:
     """How a cache stores each compressed layer's keys and values.
@@ -81,9 +86,17 @@ class StorageSpec:
 class KVStorage(BatchStateMixin):
     """Interface of one layer's KV slots `[batch, kv_heads, P, head_dim]` (see module docstring)."""
 
+    keys: torch.Tensor | None  # full-precision slots (all of them, or the quantized storage's recent window)
+    values: torch.Tensor | None
+
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Append `[B, H, q, D]` keys/values as the last `q` slots."""
-        raise NotImplementedError
+        """Append `[B, H, q, D]` keys/values as the last `q` slots (into the full-precision `keys`/`values`)."""
+        if self.keys is None:
+            self.device = keys.device
+            self.keys, self.values = keys, values
+        else:
+            self.keys = torch.cat([self.keys, keys], dim=-2)
+            self.values = torch.cat([self.values, values], dim=-2)
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All `P` slots in full precision, `[B, H, P, D]` each (a transient copy for quantized storage)."""
@@ -114,21 +127,11 @@ class FullPrecisionKV(KVStorage):
     def __init__(self):
         self.keys = self.values = None
 
-    def append(self, keys, values):
-        if self.keys is None:
-            self.device = keys.device
-            self.keys, self.values = keys, values
-        else:
-            self.keys = torch.cat([self.keys, keys], dim=-2)
-            self.values = torch.cat([self.values, values], dim=-2)
-
     def read(self):
         return self.keys, self.values
 
     def keep(self, index):
-        gather = index.unsqueeze(-1)  # (B, H, K, 1); gather writes new storage, freeing the old buffers
-        self.keys = self.keys.gather(2, gather.expand(-1, -1, -1, self.keys.shape[-1]))
-        self.values = self.values.gather(2, gather.expand(-1, -1, -1, self.values.shape[-1]))
+        self.keys, self.values = gather_slots(self.keys, index), gather_slots(self.values, index)
 
     def truncate(self, n):
         if n:
@@ -196,14 +199,6 @@ class QuantizedKV(KVStorage):
         return keys, values
 
     # ------------------------------------------------------------------ KVStorage
-    def append(self, keys, values):
-        if self.keys is None:
-            self.device = keys.device
-            self.keys, self.values = keys, values
-        else:
-            self.keys = torch.cat([self.keys, keys], dim=-2)
-            self.values = torch.cat([self.values, values], dim=-2)
-
     def read(self):
         history = self.dequantized_history()
         if history is None:
@@ -242,9 +237,7 @@ class QuantizedKV(KVStorage):
         """
         if self.key_mode == "channel":
             keys, values = self.read()
-            gather = index.unsqueeze(-1)
-            keys = keys.gather(2, gather.expand(-1, -1, -1, keys.shape[-1]))
-            values = values.gather(2, gather.expand(-1, -1, -1, values.shape[-1]))
+            keys, values = gather_slots(keys, index), gather_slots(values, index)
             self.key_codes = self.key_scale = self.key_zero = None
             self.value_codes = self.value_scale = self.value_zero = None
             self.keys, self.values = keys, values
@@ -259,13 +252,11 @@ class QuantizedKV(KVStorage):
             if bool((history_index >= T).any()):  # some rows take window tokens into the history
                 window = self._quantize(self.keys, self.values)
                 parts = [torch.cat([old, new], dim=2) for old, new in zip(parts, window)]
-            self._set_history([p.gather(2, history_index.unsqueeze(-1).expand(-1, -1, -1, p.shape[-1])) for p in parts])
+            self._set_history([gather_slots(p, history_index) for p in parts])
         else:
             self.key_codes = self.key_scale = self.key_zero = None
             self.value_codes = self.value_scale = self.value_zero = None
-        gather = residual_index.unsqueeze(-1)
-        self.keys = self.keys.gather(2, gather.expand(-1, -1, -1, self.keys.shape[-1]))
-        self.values = self.values.gather(2, gather.expand(-1, -1, -1, self.values.shape[-1]))
+        self.keys, self.values = gather_slots(self.keys, residual_index), gather_slots(self.values, residual_index)
 
     def truncate(self, n):
         if n == 0:
