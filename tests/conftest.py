@@ -30,26 +30,29 @@ def gemma3():
     return load_model("gemma3-270m", dtype=torch.float32)
 
 
-def tiny_llama(attn_implementation: str = "sdpa", dtype=torch.float32, seed: int = 0):
-    """A 2-layer random-weight Llama (4 heads, 2 KV heads, head_dim 16)."""
+def tiny_llama(attn_implementation: str = "sdpa", dtype=torch.float32, seed: int = 0, num_layers: int = 2,
+               **config):
+    """A random-weight Llama (4 heads, 2 KV heads, head_dim 16), 2 layers unless `num_layers`; `config` overrides."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, attn_implementation=attn_implementation,
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, attn_implementation=attn_implementation, **{"max_position_embeddings": 512, **config},
     )
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
-def tiny_gemma3(attn_implementation: str = "sdpa", dtype=torch.float32, seed: int = 0):
-    """A 4-layer random-weight Gemma 3 text model: 3 sliding (window 8) + 1 full layer, head_dim 16."""
+def tiny_gemma3(attn_implementation: str = "sdpa", dtype=torch.float32, seed: int = 0, **config):
+    """A random-weight Gemma 3 text model, head_dim 16: 3 sliding (window 8) + 1 full layer unless `config` overrides
+    (e.g. `num_hidden_layers=6, layer_types=[...]`)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(seed)
+    defaults = dict(num_hidden_layers=4, layer_types=["sliding_attention"] * 3 + ["full_attention"],
+                    max_position_embeddings=512)
     config = Gemma3TextConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, sliding_window=8, max_position_embeddings=512,
-        layer_types=["sliding_attention"] * 3 + ["full_attention"], attn_implementation=attn_implementation,
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, sliding_window=8, attn_implementation=attn_implementation, **{**defaults, **config},
     )
     return Gemma3ForCausalLM(config).to(dtype).eval()

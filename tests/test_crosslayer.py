@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_gemma3, tiny_llama
 
 from kvpress_lite._compat import DynamicCache
 from kvpress_lite.cache import ModelGeometry
@@ -20,41 +21,13 @@ B, H, D = 2, 2, 16
 
 def tiny_llama6(seed: int = 0):
     """A 6-layer random Llama (4 heads, 2 KV heads, head_dim 16): room for merge pairs."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(seed=seed, num_layers=6, max_position_embeddings=1024, pad_token_id=0)
 
 
 def tiny_gemma6(seed: int = 0):
     """A 6-layer random Gemma 3: sliding layers 0, 2, 4 (window 8), full layers 1, 3, 5."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(seed)
-    config = Gemma3TextConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        sliding_window=8,
-        max_position_embeddings=1024,
-        pad_token_id=0,
-        layer_types=["sliding_attention", "full_attention"] * 3,
-    )
-    return Gemma3ForCausalLM(config).eval()
+    return tiny_gemma3(seed=seed, num_hidden_layers=6, max_position_embeddings=1024, pad_token_id=0,
+                       layer_types=["sliding_attention", "full_attention"] * 3)
 
 
 def feed(cache, n_layers: int, tokens: int, chunk: int, seed: int = 0, batch: int = B):
