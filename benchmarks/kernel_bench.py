@@ -217,19 +217,12 @@ def main(argv=None):
         def kernel(magic=True, a=args_k, c=cfg, ks=kv_start):
             return triton_decode.triton_decode_attention(**a, kv_start=ks, magic=magic, **c)
 
-        if args.lean:  # the sweep only
-            rows.append(dict(best, name=f"int{bits}-best"))
-            base = next((r for r in rows if r["name"] == f"int{bits}" and r["cfg"].get("variant") == 2), None)
-            if base is not None:
-                rows.append(dict(base, name=f"int{bits}-v2"))
-            inp = refs = None
-            dump()
-            continue
-        best["ms"] = bench(kernel, graph=False)
-        best["ms_op"] = bench(lambda i=inp: quantized_decode_attention(**i, impl="triton"), graph=False)
-        best["ms_plain_convert"] = bench(lambda: kernel(magic=False), graph=True, rep=args.rep)
-        best["ms_torch_dequant"] = (bench(lambda i=inp: quantized_decode_attention(**i, impl="torch"), graph=False)
-                                    if b * L <= 65536 else None)
+        if not args.lean:  # --lean: the sweep only
+            best["ms"] = bench(kernel, graph=False)
+            best["ms_op"] = bench(lambda i=inp: quantized_decode_attention(**i, impl="triton"), graph=False)
+            best["ms_plain_convert"] = bench(lambda: kernel(magic=False), graph=True, rep=args.rep)
+            best["ms_torch_dequant"] = (bench(lambda i=inp: quantized_decode_attention(**i, impl="torch"),
+                                              graph=False) if b * L <= 65536 else None)
         rows.append(dict(best, name=f"int{bits}-best"))
         base = next((r for r in rows if r["name"] == f"int{bits}" and r["cfg"].get("variant") == 2), None)
         if base is not None:
