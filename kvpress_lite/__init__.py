@@ -9,7 +9,7 @@ from .crosslayer import CrossLayerCache
 from .eviction import EvictionCache, HeavyHitterCache
 from .memory import cache_nbytes
 from .models import EMBEDDED_MODELS, load_model
-from .quant import QuantizedKVCache
+from .quant import QuantizedKVCache, StaticQuantizedKVCache
 from .registry import STRATEGIES, build_cache, get_strategy, register
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ __all__ = [
     "HeavyHitterCache",
     "STRATEGIES",
     "QuantizedKVCache",
+    "StaticQuantizedKVCache",
     "build_cache",
     "cache_nbytes",
     "get_strategy",

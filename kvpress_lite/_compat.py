@@ -7,7 +7,16 @@ tensors, 5.19 per-layer kwargs from `get_layer_types_and_kwargs`, 5.20 positive 
 
 from __future__ import annotations
 
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+import torch
+from transformers.cache_utils import (
+    Cache,
+    CacheLayerMixin,
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    StaticLayer,
+    StaticSlidingWindowLayer,
+)
 
 try:  # transformers >= 5.23
     from transformers.cache_utils import DummyLayer
@@ -102,6 +111,29 @@ def passthrough_layer(layer_type: str, kwargs: dict):
     if layer_type in ("sliding_attention", "chunked_attention"):
         return DynamicSlidingWindowLayer(**kwargs)
     return DynamicLayer()
+
+
+def static_passthrough_layer(layer_type: str, kwargs: dict, max_cache_len: int):
+    """The layer transformers' StaticCache would use for an uncompressed layer type (preallocated, compileable)."""
+    if layer_type == "dummy":
+        if DummyLayer is None:  # pragma: no cover - transformers < 5.23 has no dummy layers
+            return StaticLayer(max_cache_len=max_cache_len)
+        return DummyLayer()
+    if layer_type in ("sliding_attention", "chunked_attention"):
+        return StaticSlidingWindowLayer(max_cache_len=max_cache_len, **kwargs)
+    return StaticLayer(max_cache_len=max_cache_len)
+
+
+def is_compiling() -> bool:
+    """True while torch.compile (dynamo) traces the current code."""
+    return torch.compiler.is_compiling()
+
+
+def mark_static_address(tensor: torch.Tensor) -> None:
+    """Tell dynamo that `tensor` keeps its address across calls (as transformers' StaticLayer does), so compiled graphs
+    mutate it in place and CUDA graphs capture it, instead of re-recording or copying it every step."""
+    if not is_compiling():
+        torch._dynamo.mark_static_address(tensor)
 
 
 def reset_layer(layer) -> None:

@@ -18,6 +18,7 @@ import torch
 from ._compat import (
     Cache,
     decoder_config,
+    is_compiling,
     kv_geometry,
     layer_specs,
     passthrough_layer,
@@ -61,7 +62,7 @@ class CompressedCache(Cache):
         self.geometry = ModelGeometry.of(config)
         layer_types, kwargs = layer_specs(config)
         layers = [
-            self.full_attention_layer(i) if kind == "full_attention" else passthrough_layer(kind, kw)
+            self.full_attention_layer(i) if kind == "full_attention" else self.uncompressed_layer(kind, kw)
             for i, (kind, kw) in enumerate(zip(layer_types, kwargs))
         ]
         super().__init__(layers=layers)
@@ -72,9 +73,16 @@ class CompressedCache(Cache):
         """The cache layer a family stores at full-attention layer `layer_idx`."""
         raise NotImplementedError
 
+    def uncompressed_layer(self, layer_type: str, kwargs: dict):
+        """The layer kept at a sliding/chunked/dummy layer: transformers' dynamic one unless a family overrides it."""
+        return passthrough_layer(layer_type, kwargs)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Check the running model against the one this cache was built for, then update layer `layer_idx`."""
-        self._check_model(key_states, layer_idx)
+        """Check the running model against the one this cache was built for, then update layer `layer_idx`.
+
+        Under torch.compile the check is skipped (shapes are fixed in the graph; the eager prompt forward checked)."""
+        if not is_compiling():
+            self._check_model(key_states, layer_idx)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def _check_model(self, key_states: torch.Tensor, layer_idx: int) -> None:

@@ -91,4 +91,44 @@ def attend_store(store, query: torch.Tensor, attention_mask, kwargs: dict, kerne
     return out.transpose(1, 2).contiguous()  # [B, q, H_q, D]; a no-op copy for q == 1
 
 
-__all__ = ["attend_store", "check_options", "fusable", "wants_bridge"]
+def static_refusal(device: torch.device, head_dim: int, bits: int, group_size: int, kernel_impl: str) -> str | None:
+    """None if a static cache on `device` can decode through the kernel with fixed launch arguments, else why not.
+
+    On CUDA that is the Triton kernel (the torch reference reads the valid lengths on the host, which CUDA graphs
+    cannot capture); elsewhere the reference (CPU: uncompiled, or compiled without CUDA graphs)."""
+    if device.type != "cuda" or kernel_impl == "torch":
+        return None
+    probe = torch.empty(0, device=device)
+    return _op_module._triton_refusal(probe, head_dim, bits, group_size, True)
+
+
+def decode_start(attention_mask) -> torch.Tensor | None:
+    """Per-row first attended key `[B]` int32 from the last query row of a 4D mask `[B, 1, q, K]` (None: no mask).
+
+    No host sync and no check (a compiled step cannot branch on data): the static cache checks the mask is left
+    padding + causal on its host path (`attention_bridge.kv_start_from_mask`) before it decodes this way."""
+    if attention_mask is None:
+        return None
+    last = attention_mask[:, 0, -1]
+    allowed = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
+    return allowed.to(torch.int32).argmax(-1).to(torch.int32)
+
+
+def attend_static(store, query: torch.Tensor, kv_start, kwargs: dict, kernel_impl: str = "auto") -> torch.Tensor:
+    """`[B, q, H_q, D]` attention of `query` `[B, H_q, q, D]` over a `StaticQuantizedKV` (valid lengths read by the
+    kernel from `store.lengths`, nothing read on the host): the decode step of the static cache."""
+    scaling = kwargs.get("scaling")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    args = (query, store.key_codes, store.key_scale, store.key_zero, store.value_codes, store.value_scale,
+            store.value_zero, store.keys, store.values, kv_start, int(store.bits), int(store.group_size), True,
+            float(scaling), float(kwargs.get("softcap") or 0.0))
+    if query.is_cuda and kernel_impl != "torch" and not torch.compiler.is_compiling():
+        out = _op_module._triton.triton_decode_attention(*args, lengths=store.lengths)
+    else:
+        out = _op_module._op(*args, kernel_impl, store.lengths)
+    return out.transpose(1, 2).contiguous()
+
+
+__all__ = ["attend_static", "attend_store", "check_options", "decode_start", "fusable", "static_refusal",
+           "wants_bridge"]

@@ -2,5 +2,7 @@
 
 from .cache import QuantizedKVCache
 from .layer import QuantizedKVLayer
+from .static_cache import StaticQuantizedKVCache
+from .static_layer import StaticQuantizedKVLayer
 
-__all__ = ["QuantizedKVCache", "QuantizedKVLayer"]
+__all__ = ["QuantizedKVCache", "QuantizedKVLayer", "StaticQuantizedKVCache", "StaticQuantizedKVLayer"]

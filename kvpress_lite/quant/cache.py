@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import weakref
-
-from .. import attention_bridge
 from ..cache import CompressedCache
 from ..kernels import fused as fused_path
 from ..registry import register
 from ..storage import StorageSpec
+from .attached import FusedAttachmentMixin
 from .layer import QuantizedKVLayer
 
 
-class QuantizedKVCache(CompressedCache):
+class QuantizedKVCache(FusedAttachmentMixin, CompressedCache):
     """Quantized KV cache: full-attention layers store KIVI-layout codes, sliding layers keep their window.
 
     Example: `model.generate(**inputs, cache=QuantizedKVCache(model, bits=4))`.
@@ -50,34 +48,8 @@ class QuantizedKVCache(CompressedCache):
         self.kernel_impl = kernel_impl
         super().__init__(model_or_config)
         self.spec.check_head_dim(self.geometry.head_dim)
-        self.attachment = None
         if is_model and fused_path.wants_bridge(fused, model_or_config):
-            try:
-                self.attachment = attention_bridge.attach(model_or_config, "QuantizedKVCache(fused=True)")
-            except ValueError:
-                if fused:
-                    raise
-            if self.attachment is not None:  # backstop only: detach() / `with cache:` is the scoped way
-                self._finalizer = weakref.finalize(self, self.attachment.detach)
-                for layer in self.layers:
-                    if isinstance(layer, QuantizedKVLayer):
-                        layer.attachment = self.attachment
-
-    @property
-    def fused(self) -> bool:
-        """True while decoding runs the fused kernel (attached to the model's attention)."""
-        return self.attachment is not None and self.attachment.active
-
-    def detach(self) -> None:
-        """Give the model back its attention implementation (idempotent); later forwards dequantize."""
-        if self.attachment is not None:
-            self.attachment.detach()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.detach()
+            self._attach(model_or_config, "QuantizedKVCache(fused=True)", required=bool(fused))
 
     def full_attention_layer(self, layer_idx: int) -> QuantizedKVLayer:
         return QuantizedKVLayer(self.bits, self.group_size, self.residual_length, layer_idx, self.kernel_impl)
