@@ -4,7 +4,9 @@
 * the op's validation, dispatch and fake (meta) implementation;
 * the Triton kernel against the reference on CPU through Triton's interpreter (TRITON_INTERPRET=1 must be set before
   triton is imported, so those cases run in one subprocess: `python tests/test_kernels.py --interpret`);
-* the Triton kernel at real shapes on a GPU (skipped without CUDA).
+* the Triton kernel at real shapes on a GPU (skipped without CUDA);
+* valid-length mode (`lengths`: capacity buffers with garbage past the valid tokens) against the compact call, in
+  all three places, plus torch.compile without recompiles as the lengths change.
 """
 
 from __future__ import annotations
@@ -52,6 +54,45 @@ def make_inputs(b, hkv, gq, nq, d, t, r, bits, group_size, key_mode, dtype=torch
         residual_values=randn(b, hkv, r, d) if r else None,
         bits=bits, group_size=group_size, key_mode=key_mode, scaling=d ** -0.5,
     )
+
+
+HIST_NAMES = ("key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero")
+
+
+def valid_length_inputs(b, hkv, gq, nq, d, t_cap, t_valid, r_cap, r_valid, bits, group_size, key_mode,
+                        dtype=torch.bfloat16, seed=0, device="cpu"):
+    """(capacity inputs with garbage past the valid tokens, lengths `(2,)`, compact inputs of the valid tokens).
+
+    Garbage: random code bytes, NaN scales and residual keys, inf zeros and residual values (read into the result,
+    any of it would show)."""
+    full = make_inputs(b, hkv, gq, nq, d, t_cap, r_cap, bits, group_size, key_mode, dtype=dtype, seed=seed,
+                       device=device)
+    g = torch.Generator(device="cpu").manual_seed(seed + 1000)
+    cap = dict(full)
+    for name in HIST_NAMES + ("residual_keys", "residual_values"):
+        x = full[name]
+        if x is None:
+            continue
+        valid = t_valid if name in HIST_NAMES else r_valid
+        n = valid // group_size if name in ("key_scale", "key_zero") and key_mode == "channel" else valid
+        buf = x.clone()
+        if x.dtype == torch.uint8:
+            buf[:, :, n:] = torch.randint(0, 256, buf[:, :, n:].shape, generator=g, dtype=torch.uint8).to(device)
+        else:
+            buf[:, :, n:] = float("nan") if "scale" in name or name == "residual_keys" else float("inf")
+        cap[name] = buf
+    return cap, torch.tensor([t_valid, r_valid], device=device), compact_inputs(full, t_valid, r_valid)
+
+
+def compact_inputs(inp, t_valid, r_valid):
+    """The op's keyword arguments over the first t_valid history and r_valid residual tokens of `inp` (channel keys:
+    t_valid a multiple of G); None for an empty part."""
+    out = dict(inp)
+    for name in HIST_NAMES + ("residual_keys", "residual_values"):
+        valid = t_valid if name in HIST_NAMES else r_valid
+        n = valid // inp["group_size"] if name in ("key_scale", "key_zero") and inp["key_mode"] == "channel" else valid
+        out[name] = inp[name][:, :, :n].contiguous() if valid > 0 and inp[name] is not None else None
+    return out
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -150,6 +191,88 @@ def test_op_cpu_dispatch_and_fake():
     assert out.shape == inp["query"].shape and out.dtype == inp["query"].dtype
 
 
+# ---------------------------------------------------------------------------------------------- valid lengths
+# (name, b, hkv, gq, nq, d, t_cap, t_valid, r_cap, r_valid, bits, G, key_mode, dtype, kv_start, extra kernel kwargs);
+# the defaults pick v3 for 4/8 bits and v2 for 2 bits
+LENGTH_CASES = [
+    ("b4-channel-q1-start-in-residual", 2, 2, 2, 1, 32, 96, 48, 16, 5, 4, 16, "channel", "float32", [0, 50], {}),
+    ("b4-token-q3", 2, 2, 2, 3, 32, 80, 37, 16, 9, 4, 16, "token", "bfloat16", None, {}),
+    ("b8-channel-q3-r0", 2, 2, 2, 3, 32, 64, 32, 16, 0, 8, 16, "channel", "bfloat16", [0, 7], {}),
+    ("b8-token-q1-t0", 2, 2, 2, 1, 32, 48, 0, 16, 11, 8, 16, "token", "float32", [0, 3], {}),
+    ("b2-channel-q3", 2, 2, 2, 3, 32, 96, 64, 16, 7, 2, 16, "channel", "float32", [5, 40], {}),
+    ("b2-token-q1-t0", 2, 2, 2, 1, 32, 32, 0, 16, 13, 2, 16, "token", "bfloat16", None, {}),
+    ("b2-token-q3-r0", 2, 2, 2, 3, 32, 64, 45, 8, 0, 2, 16, "token", "float32", [0, 9], {}),
+    ("b4-channel-full", 2, 2, 2, 1, 32, 64, 64, 8, 8, 4, 16, "channel", "float32", [0, 3], {}),
+    ("b4-short-idle-splits", 1, 2, 2, 1, 32, 160, 32, 40, 33, 4, 16, "channel", "float32", [7],
+     {"num_splits": 7, "block_n": 16}),
+    ("v2-b4-channel-q3", 2, 2, 2, 3, 32, 96, 48, 16, 5, 4, 16, "channel", "float32", [0, 21], {"variant": 2}),
+    ("v1-b8-token-q1", 2, 2, 2, 1, 32, 64, 45, 16, 5, 8, 16, "token", "float32", [0, 21], {"variant": 1}),
+]
+
+
+def _length_case_inputs(case, seed):
+    name, b, hkv, gq, nq, d, t_cap, t_valid, r_cap, r_valid, bits, gs, mode, dtype, start, extra = case
+    cap, lengths, compact = valid_length_inputs(b, hkv, gq, nq, d, t_cap, t_valid, r_cap, r_valid, bits, gs, mode,
+                                                dtype=getattr(torch, dtype), seed=seed)
+    kv_start = None if start is None else torch.tensor(start)
+    return cap, lengths, compact, kv_start
+
+
+@pytest.mark.parametrize("case", LENGTH_CASES, ids=lambda c: c[0])
+def test_reference_valid_lengths_match_compact(case):
+    cap, lengths, compact, kv_start = _length_case_inputs(case, seed=7)
+    out = quantized_decode_attention(**cap, kv_start=kv_start, lengths=lengths, impl="torch")
+    expected = quantized_decode_attention(**compact, kv_start=kv_start, impl="torch")
+    assert torch.isfinite(out).all()
+    assert rel_err(out, expected) < 1e-6
+
+
+def test_reference_valid_lengths_empty_and_clamped():
+    cap, _, _ = valid_length_inputs(1, 2, 2, 1, 32, 32, 16, 8, 4, 4, 16, "channel", dtype=torch.float32)
+    out = quantized_decode_attention(**cap, lengths=torch.tensor([0, 0]), impl="torch")
+    assert torch.equal(out, torch.zeros_like(out))  # nothing valid: no query sees a key
+    full = {k: v for k, v in cap.items()}
+    full["key_scale"] = full["key_scale"].nan_to_num(1.0)  # no garbage: the whole capacity is valid
+    for k in ("key_zero", "value_scale", "value_zero", "residual_keys", "residual_values"):
+        full[k] = full[k].nan_to_num(1.0, posinf=1.0)
+    clamped = quantized_decode_attention(**full, lengths=torch.tensor([99, 99]), impl="torch")
+    assert torch.equal(clamped, quantized_decode_attention(**full, impl="torch"))
+
+
+def test_op_validates_lengths():
+    inp = make_inputs(1, 2, 2, 1, 32, 32, 3, 4, 16, "channel")
+    for bad in (torch.tensor([32, 3, 0]), torch.tensor([[32, 3]]), torch.tensor([32.0, 3.0]),
+                torch.tensor([True, False]), torch.tensor([32, 3], device="meta"), (32, 3)):
+        with pytest.raises(ValueError, match=r"lengths must be None or a tensor of shape \(2,\)"):
+            quantized_decode_attention(**inp, lengths=bad)
+    out = quantized_decode_attention(**inp, lengths=torch.tensor([32, 3], dtype=torch.int32))
+    assert torch.equal(out, quantized_decode_attention(**inp))
+
+
+def test_op_valid_lengths_compile_no_recompile():
+    cap, lengths, _ = valid_length_inputs(2, 2, 2, 1, 32, 64, 32, 16, 5, 4, 16, "channel", dtype=torch.float32)
+    kv_start = torch.tensor([0, 9])
+
+    def fn(lens):
+        return quantized_decode_attention(**cap, kv_start=kv_start, lengths=lens, impl="torch") * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(lengths), fn(lengths))
+    prev = torch._dynamo.config.error_on_recompile
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        for t_valid, r_valid in ((16, 5), (0, 3), (32, 0)):  # within the written (32, 5): garbage past them
+            lens = torch.tensor([t_valid, r_valid])
+            out = compiled(lens)
+            assert torch.isfinite(out).all() and torch.equal(out, fn(lens))
+        lengths.copy_(torch.tensor([16, 2]))  # in place, as a static cache does
+        assert torch.equal(compiled(lengths), fn(lengths))
+    finally:
+        torch._dynamo.config.error_on_recompile = prev
+        torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------------------------------------- interpreter
 # (name, b, hkv, gq, nq, d, t, r, bits, G, key_mode, dtype, kv_start, softcap, extra kernel kwargs)
 INTERPRET_CASES = []
@@ -219,6 +342,19 @@ def run_interpret_cases() -> dict:
         zero_rows_ok = bool(torch.equal(out[ref.abs().sum(-1) == 0], ref[ref.abs().sum(-1) == 0]))
         results[name] = {"err": rel_err(out, ref), "finite": finite, "zero_rows_ok": zero_rows_ok,
                          "shape_ok": out.shape == ref.shape and out.dtype == ref.dtype, "dtype": dtype}
+    for case in LENGTH_CASES:  # valid-length mode (capacity buffers + garbage) vs the reference on compact tensors
+        name, mode, dtype, extra = case[0], case[12], case[13], case[15]
+        cap, lengths, compact, kv_start = _length_case_inputs(case, seed=len(results))
+        ref = quantized_decode_attention(**compact, kv_start=kv_start, impl="torch")
+        if extra:
+            args = {k: v for k, v in cap.items() if k != "key_mode"}
+            out = triton_decode.triton_decode_attention(**args, kv_start=kv_start, key_per_channel=mode == "channel",
+                                                        lengths=lengths, **extra)
+        else:
+            out = quantized_decode_attention(**cap, kv_start=kv_start, lengths=lengths, impl="triton")
+        results["len-" + name] = {"err": rel_err(out, ref), "finite": bool(torch.isfinite(out).all()),
+                                  "zero_rows_ok": True, "shape_ok": out.shape == ref.shape and out.dtype == ref.dtype,
+                                  "dtype": dtype}
     return results
 
 
@@ -237,6 +373,13 @@ def interpret_results():
 def test_triton_kernel_matches_reference_interpreted(interpret_results, case):
     res = interpret_results[case]
     assert res["shape_ok"] and res["finite"] and res["zero_rows_ok"], res
+    assert res["err"] < TOLERANCE[res["dtype"]], res
+
+
+@pytest.mark.parametrize("case", [c[0] for c in LENGTH_CASES])
+def test_triton_valid_lengths_match_compact_interpreted(interpret_results, case):
+    res = interpret_results["len-" + case]
+    assert res["shape_ok"] and res["finite"], res
     assert res["err"] < TOLERANCE[res["dtype"]], res
 
 
@@ -287,6 +430,40 @@ def test_triton_v3_matches_reference_gpu(case):
                                                         key_per_channel=mode == "channel", variant=3, **extra)
             assert torch.isfinite(out).all()
             assert rel_err(out, ref) < 1e-2, (softcap, extra, rel_err(out, ref))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernel at real shapes)")
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("key_mode", ["channel", "token"])
+def test_triton_valid_lengths_gpu(bits, key_mode):
+    """Valid-length mode at a real shape: eager vs the compact call, then one CUDA graph replayed as the lengths
+    change in place (garbage past them)."""
+    pytest.importorskip("triton", reason="triton is not installed (optional dependency)")
+    t_cap, r_cap = 4096, 208
+    t_valid = 3008 if key_mode == "channel" else 3000  # channel keys: whole groups of G = 64
+    cap, lengths, compact = valid_length_inputs(2, 8, 4, 1, 128, t_cap, t_valid, r_cap, 150, bits, 64, key_mode,
+                                                device="cuda", seed=bits)
+    kv_start = torch.tensor([0, 37], device="cuda")
+    out = quantized_decode_attention(**cap, kv_start=kv_start, lengths=lengths, impl="triton")
+    compact_out = quantized_decode_attention(**compact, kv_start=kv_start, impl="triton")
+    ref = quantized_decode_attention(**compact, kv_start=kv_start, impl="torch")
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-2 and rel_err(out, compact_out) < 1e-2
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            quantized_decode_attention(**cap, kv_start=kv_start, lengths=lengths, impl="triton")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = quantized_decode_attention(**cap, kv_start=kv_start, lengths=lengths, impl="triton")
+    for tv, rv in ((t_valid, 150), (0, 150), (1024, 0), (64, 1)):
+        lengths.copy_(torch.tensor([tv, rv]))
+        graph.replay()
+        ref = quantized_decode_attention(**compact_inputs(cap, tv, rv), kv_start=kv_start, impl="torch")
+        assert torch.isfinite(static_out).all() and rel_err(static_out, ref) < 1e-2, (tv, rv)
 
 
 if __name__ == "__main__" and "--interpret" in sys.argv:

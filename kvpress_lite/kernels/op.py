@@ -57,23 +57,28 @@ def _op(
     scaling: float,
     softcap: float,
     impl: str,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    # `lengths` is last (default None) so positional callers (kernels/fused.py) keep working
     args = (query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys,
             residual_values, kv_start, bits, group_size, key_per_channel, scaling, softcap)
     if impl == "torch":
-        return reference_decode_attention(*args)
+        return reference_decode_attention(*args, lengths=lengths)
     refusal = _triton_refusal(query, query.shape[-1], bits, group_size, key_per_channel)
     if refusal is None and (impl == "triton" or query.is_cuda):
-        return _triton.triton_decode_attention(*args)
+        return _triton.triton_decode_attention(*args, lengths=lengths)
     if impl == "triton":
         raise RuntimeError(f"impl='triton' cannot run here: {refusal}")
-    return reference_decode_attention(*args)
+    return reference_decode_attention(*args, lengths=lengths)
 
 
 @_op.register_fake
 def _(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys, residual_values,
-      kv_start, bits, group_size, key_per_channel, scaling, softcap, impl):
+      kv_start, bits, group_size, key_per_channel, scaling, softcap, impl, lengths=None):
     return torch.empty_like(query)
+
+
+INT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
 
 
 def _check_part(name: str, x: torch.Tensor | None, shape: tuple, dtype=None) -> None:
@@ -103,6 +108,7 @@ def quantized_decode_attention(
     scaling: float,
     softcap: float | None = None,
     impl: str = "auto",
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of `query` over a packed KIVI history followed by a full-precision residual.
 
@@ -117,6 +123,12 @@ def quantized_decode_attention(
         kv_start: int `[B]`, first valid key of each row (left padding), or None.
         bits: 8, 4 or 2. group_size: G. scaling: multiplies q . k. softcap: Gemma-2 score cap or None.
         impl: "auto" (Triton on CUDA when installed and the shape is supported, else torch), "triton", "torch".
+        lengths: None, or an integer `(2,)` tensor on the query's device holding `(T_valid, R_valid)` (valid-length
+            mode, static buffers for torch.compile / CUDA graphs): the T and R' dimensions above are then
+            capacities (`T_cap`, a multiple of G for channel keys; `R_cap`) of which only the first T_valid history
+            and R_valid residual tokens are read (the rest may hold anything); positions and masks are those of the
+            compact tensors of the valid tokens, values are clamped to [0, capacity], and they are read on the
+            device only (no host sync, no recompile as they change).
     Returns:
         `[B, H_q, q, D]` in the query's dtype; a query row that sees no key returns zeros.
     """
@@ -165,6 +177,12 @@ def quantized_decode_attention(
         residual_keys = residual_values = None
     if kv_start is not None and tuple(kv_start.shape) != (b,):
         raise ValueError(f"kv_start must have shape ({b},), got {tuple(kv_start.shape)}")
+    if lengths is not None and (not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (2,)
+                                or lengths.dtype not in INT_DTYPES or lengths.device != query.device):
+        got = (f"{tuple(lengths.shape)} {lengths.dtype} on {lengths.device}" if isinstance(lengths, torch.Tensor)
+               else type(lengths).__name__)
+        raise ValueError(f"lengths must be None or a tensor of shape (2,) = (T_valid, R_valid) with an integer dtype "
+                         f"({[str(x) for x in INT_DTYPES]}) on the query's device {query.device}; got {got}")
     return _op(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys,
                residual_values, kv_start, int(bits), int(group_size), per_channel, float(scaling),
-               float(softcap or 0.0), impl)
+               float(softcap or 0.0), impl, lengths)

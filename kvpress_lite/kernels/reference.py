@@ -4,6 +4,9 @@ Logical keys of one row are the quantized history (`T` tokens) followed by the f
 tokens). Query `i` of `q` sits at key position `T + R' - q + i` (causal among the last `q` keys); keys before
 `kv_start[b]` (left padding) are masked. Scores are `q . k * scaling`, then `softcap * tanh(s / softcap)` when a
 softcap is given (Gemma 2), then a softmax in fp32. A query row with no visible key returns zeros.
+
+Valid-length mode (`lengths`, static capacity buffers): the history/residual tensors are buffers of capacity
+`T_cap` / `R_cap` of which only the first `T_valid` / `R_valid` tokens count; `T`, `R'` above become the valid lengths.
 """
 
 from __future__ import annotations
@@ -52,20 +55,37 @@ def reference_decode_attention(
     key_per_channel: bool,
     scaling: float,
     softcap: float = 0.0,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of `query` `[B, H_q, q, D]` over history + residual; returns `[B, H_q, q, D]` in query's dtype.
 
     GQA: query head `h` reads KV head `h // (H_q // H_kv)`. See the module docstring for positions and masking.
+    lengths: None, or int `(2,)` = `(T_valid, R_valid)`: only the first T_valid history tokens (of capacity
+    `key_codes.shape[2]`) and R_valid residual tokens (of `residual_keys.shape[2]`) are read; values are clamped to
+    [0, capacity]. Read on the host (a sync on CUDA): this is the reference, not the fast path.
     """
     b, hq, nq, d = query.shape
+    t_cap = key_codes.shape[2] if key_codes is not None else 0
+    r_cap = residual_keys.shape[2] if residual_keys is not None else 0
+    t_valid, r_valid = t_cap, r_cap
+    if lengths is not None:
+        lt, lr = (int(x) for x in lengths.tolist())
+        t_valid, r_valid = min(max(lt, 0), t_cap), min(max(lr, 0), r_cap)
     keys, values = [], []
-    if key_codes is not None and key_codes.shape[2] > 0:
-        keys.append(dequantize_history(key_codes, key_scale, key_zero, bits, group_size, key_per_channel))
-        values.append(dequantize_history(value_codes, value_scale, value_zero, bits, group_size, False))
-    if residual_keys is not None and residual_keys.shape[2] > 0:
-        keys.append(residual_keys.float())
-        values.append(residual_values.float())
+    if t_valid > 0:
+        # per-channel keys: whole key groups (T_cap is a multiple of G), then the first T_valid tokens
+        n_param = -(-t_valid // group_size) if key_per_channel else t_valid
+        n_codes = n_param * group_size if key_per_channel else t_valid
+        keys.append(dequantize_history(key_codes[:, :, :n_codes], key_scale[:, :, :n_param], key_zero[:, :, :n_param],
+                                       bits, group_size, key_per_channel)[:, :, :t_valid])
+        values.append(dequantize_history(value_codes[:, :, :t_valid], value_scale[:, :, :t_valid],
+                                         value_zero[:, :, :t_valid], bits, group_size, False))
+    if r_valid > 0:
+        keys.append(residual_keys[:, :, :r_valid].float())
+        values.append(residual_values[:, :, :r_valid].float())
     if not keys:
+        if lengths is not None:  # capacity buffers, both valid lengths 0: no query sees a key
+            return torch.zeros_like(query)
         raise ValueError("decode attention needs at least one key: history and residual are both empty")
     k = torch.cat(keys, dim=2)  # (B, Hkv, L, D)
     v = torch.cat(values, dim=2)

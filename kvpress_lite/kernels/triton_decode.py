@@ -77,14 +77,15 @@ def _online_softmax(s, v, pos, n_ok, qpos, start, m_i, l_i, acc, scaling, softca
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["T", "R", "TILES_PER_SPLIT", "S_HIST", "S_TOTAL"])  # no recompiles as T, R grow
+@triton.jit(do_not_specialize=["T_CAP", "R_CAP", "TILES_PER_SPLIT", "S_HIST", "S_TOTAL"])  # no recompiles as T, R grow
 def _decode_split_kernel(
-    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, KV_START, PM, PL, PO,
-    scaling, softcap, T, R, HKV, TILES_PER_SPLIT, S_HIST, S_TOTAL,
+    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, KV_START, LENS, PM, PL, PO,
+    scaling, softcap, T_CAP, R_CAP, HKV, TILES_PER_SPLIT, S_HIST, S_TOTAL,
     GQ: tl.constexpr, NQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
     KEY_PER_CHANNEL: tl.constexpr, HAS_START: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     MAGIC: tl.constexpr, OFF: tl.constexpr, KDT: tl.constexpr, VDT: tl.constexpr, PRECISION: tl.constexpr,
+    DYN_LEN: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)  # b * HKV + kv head
     pid_s = tl.program_id(1)
@@ -102,6 +103,12 @@ def _decode_split_kernel(
     qi = offs_m % NQ
     q = tl.load(Q + ((head * NQ + qi) * D)[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     q = q.to(tl.float32)
+    if DYN_LEN:  # valid lengths from the device (capacity buffers), clamped to [0, capacity]
+        T = tl.minimum(tl.maximum(tl.load(LENS).to(tl.int32), 0), T_CAP)
+        R = tl.minimum(tl.maximum(tl.load(LENS + 1).to(tl.int32), 0), R_CAP)
+    else:
+        T = T_CAP
+        R = R_CAP
     qpos = T + R - NQ + qi
     if HAS_START:
         start = tl.load(KV_START + b).to(tl.int32)
@@ -112,10 +119,14 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     span = TILES_PER_SPLIT * BLOCK_N
     if pid_s < S_HIST:
-        lo = pid_s * span
-        hi = tl.minimum(T, lo + span)
+        if DYN_LEN:  # the S_HIST splits (a count from the capacity) share the valid tiles; idle ones stay neutral
+            span_h = tl.cdiv(tl.cdiv(T, BLOCK_N), S_HIST) * BLOCK_N
+        else:
+            span_h = span
+        lo = pid_s * span_h
+        hi = tl.minimum(T, lo + span_h)
         lo = tl.maximum(lo, (start // BLOCK_N) * BLOCK_N)  # skip whole tiles of left padding
-        bh_t = pid_bh.to(tl.int64) * T
+        bh_t = pid_bh.to(tl.int64) * T_CAP  # row strides from the capacity
         if KEY_PER_CHANNEL:
             qk_dt = q  # placeholder so both branches define it
         else:
@@ -127,7 +138,7 @@ def _decode_split_kernel(
             kb = tl.load(KC + rows[:, None] * DB + offs_j[None, :], mask=n_ok[:, None], other=0)
             kf = _to_float(_unpack(kb, BITS), MAGIC)
             if KEY_PER_CHANNEL:
-                grp = (bh_t + t0) // G  # row of [B*HKV*T/G, D] (T is a multiple of G, tiles never straddle)
+                grp = (bh_t + t0) // G  # row of [B*HKV*T_CAP/G, D] (T_CAP % G == 0, tiles never straddle)
                 ks = tl.load(KS + grp * D + offs_d).to(tl.float32)
                 kz = tl.load(KZ + grp * D + offs_d).to(tl.float32)
                 qs = (q * ks[None, :]).to(KDT)
@@ -149,7 +160,7 @@ def _decode_split_kernel(
         lo = (pid_s - S_HIST) * span
         hi = tl.minimum(R, lo + span)
         lo = tl.maximum(lo, ((start - T) // BLOCK_N) * BLOCK_N)
-        bh_r = pid_bh.to(tl.int64) * R
+        bh_r = pid_bh.to(tl.int64) * R_CAP
         q_dt = q.to(VDT)
         for r0 in range(lo, hi, BLOCK_N):
             rr = r0 + offs_n
@@ -221,14 +232,15 @@ def _softmax_weights(s, pos, n_ok, qpos, start, m_i, l_i, scaling, softcap, USE_
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
 
-@triton.jit(do_not_specialize=["T", "R", "TILES_PER_SPLIT", "S_HIST", "S_TOTAL"])  # no recompiles as T, R grow
+@triton.jit(do_not_specialize=["T_CAP", "R_CAP", "TILES_PER_SPLIT", "S_HIST", "S_TOTAL"])  # no recompiles as T, R grow
 def _decode_split_kernel_v2(
-    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, KV_START, PM, PL, PO,
-    scaling, softcap, T, R, HKV, TILES_PER_SPLIT, S_HIST, S_TOTAL,
+    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, KV_START, LENS, PM, PL, PO,
+    scaling, softcap, T_CAP, R_CAP, HKV, TILES_PER_SPLIT, S_HIST, S_TOTAL,
     GQ: tl.constexpr, NQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
     KEY_PER_CHANNEL: tl.constexpr, HAS_START: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     MAGIC: tl.constexpr, OFF: tl.constexpr, KDT: tl.constexpr, VDT: tl.constexpr, PRECISION: tl.constexpr,
+    DYN_LEN: tl.constexpr = False,
 ):
     """Phase-split variant: channel `j * PB + ph` of every operand is handled as column j of phase ph, so packed
     bytes never need re-interleaving; the outputs are written to their strided channels at the end."""
@@ -257,6 +269,12 @@ def _decode_split_kernel_v2(
     if PB == 4:
         q2 = tl.load(q_row + 2, mask=row_ok[:, None], other=0.0).to(tl.float32)
         q3 = tl.load(q_row + 3, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    if DYN_LEN:  # valid lengths from the device (capacity buffers), clamped to [0, capacity]
+        T = tl.minimum(tl.maximum(tl.load(LENS).to(tl.int32), 0), T_CAP)
+        R = tl.minimum(tl.maximum(tl.load(LENS + 1).to(tl.int32), 0), R_CAP)
+    else:
+        T = T_CAP
+        R = R_CAP
     qpos = T + R - NQ + qi
     if HAS_START:
         start = tl.load(KV_START + b).to(tl.int32)
@@ -270,10 +288,14 @@ def _decode_split_kernel_v2(
     acc3 = tl.zeros([BLOCK_M, DB], tl.float32)
     span = TILES_PER_SPLIT * BLOCK_N
     if pid_s < S_HIST:
-        lo = pid_s * span
-        hi = tl.minimum(T, lo + span)
+        if DYN_LEN:  # the S_HIST splits (a count from the capacity) share the valid tiles; idle ones stay neutral
+            span_h = tl.cdiv(tl.cdiv(T, BLOCK_N), S_HIST) * BLOCK_N
+        else:
+            span_h = span
+        lo = pid_s * span_h
+        hi = tl.minimum(T, lo + span_h)
         lo = tl.maximum(lo, (start // BLOCK_N) * BLOCK_N)
-        bh_t = pid_bh.to(tl.int64) * T
+        bh_t = pid_bh.to(tl.int64) * T_CAP  # row strides from the capacity
         for t0 in range(lo, hi, BLOCK_N):
             pos = t0 + offs_n
             n_ok = pos < T
@@ -333,7 +355,7 @@ def _decode_split_kernel_v2(
         lo = (pid_s - S_HIST) * span
         hi = tl.minimum(R, lo + span)
         lo = tl.maximum(lo, ((start - T) // BLOCK_N) * BLOCK_N)
-        bh_r = pid_bh.to(tl.int64) * R
+        bh_r = pid_bh.to(tl.int64) * R_CAP
         for r0 in tl.range(lo, hi, BLOCK_N, num_stages=1):
             rr = r0 + offs_n
             n_ok = rr < R
@@ -472,15 +494,15 @@ def _codes(b, BITS: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr):
             return c, c
 
 
-@triton.jit(do_not_specialize=["T", "R", "TILES_PER_SPLIT", "S_HIST", "S_TOTAL"])  # no recompiles as T, R grow
+@triton.jit(do_not_specialize=["T_CAP", "R_CAP", "TILES_PER_SPLIT", "S_HIST", "S_TOTAL"])  # no recompiles as T, R grow
 def _decode_split_kernel_v3(
-    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, KV_START, PM, PL, PO,
-    scaling, softcap, T, R, HKV, TILES_PER_SPLIT, S_HIST, S_TOTAL,
+    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, KV_START, LENS, PM, PL, PO,
+    scaling, softcap, T_CAP, R_CAP, HKV, TILES_PER_SPLIT, S_HIST, S_TOTAL,
     GQ: tl.constexpr, NQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
     KEY_PER_CHANNEL: tl.constexpr, HAS_START: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     ASM: tl.constexpr, VDT: tl.constexpr, PRECISION: tl.constexpr, BIAS_DOT: tl.constexpr = False,
-    CDT: tl.constexpr = None, V_JOIN: tl.constexpr = False,
+    CDT: tl.constexpr = None, V_JOIN: tl.constexpr = False, DYN_LEN: tl.constexpr = False,
 ):
     """v3 (4 and 8 bits, D / G <= 2 value groups): phase-split like v2, codes enter both dots as exact small integers
     (`_codes`), and per-token value scales/zeros never touch the [N, D] tile: for value group g
@@ -514,6 +536,12 @@ def _decode_split_kernel_v3(
     q1 = q0
     if PB == 2:
         q1 = tl.load(q_row + 1, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    if DYN_LEN:  # valid lengths from the device (capacity buffers), clamped to [0, capacity]
+        T = tl.minimum(tl.maximum(tl.load(LENS).to(tl.int32), 0), T_CAP)
+        R = tl.minimum(tl.maximum(tl.load(LENS + 1).to(tl.int32), 0), R_CAP)
+    else:
+        T = T_CAP
+        R = R_CAP
     qpos = T + R - NQ + qi
     if HAS_START:
         start = tl.load(KV_START + b).to(tl.int32)
@@ -528,10 +556,14 @@ def _decode_split_kernel_v3(
     zacc = tl.zeros([BLOCK_M, 16], tl.float32)  # column g: sum_n p * value_zero[n, g]
     span = TILES_PER_SPLIT * BLOCK_N
     if pid_s < S_HIST:
-        lo = pid_s * span
-        hi = tl.minimum(T, lo + span)
+        if DYN_LEN:  # the S_HIST splits (a count from the capacity) share the valid tiles; idle ones stay neutral
+            span_h = tl.cdiv(tl.cdiv(T, BLOCK_N), S_HIST) * BLOCK_N
+        else:
+            span_h = span
+        lo = pid_s * span_h
+        hi = tl.minimum(T, lo + span_h)
         lo = tl.maximum(lo, (start // BLOCK_N) * BLOCK_N)
-        bh_t = pid_bh.to(tl.int64) * T
+        bh_t = pid_bh.to(tl.int64) * T_CAP  # row strides from the capacity
         for t0 in range(lo, hi, BLOCK_N):
             pos = t0 + offs_n
             n_ok = pos < T
@@ -598,7 +630,7 @@ def _decode_split_kernel_v3(
         lo = (pid_s - S_HIST) * span
         hi = tl.minimum(R, lo + span)
         lo = tl.maximum(lo, ((start - T) // BLOCK_N) * BLOCK_N)
-        bh_r = pid_bh.to(tl.int64) * R
+        bh_r = pid_bh.to(tl.int64) * R_CAP
         for r0 in tl.range(lo, hi, BLOCK_N, num_stages=1):
             rr = r0 + offs_n
             n_ok = rr < R
@@ -674,8 +706,14 @@ def triton_decode_attention(query, key_codes, key_scale, key_zero, value_codes, 
                             block_n: int | None = None, num_splits: int | None = None, num_warps: int = 2,
                             num_stages: int | None = None, magic: bool = True, variant: int | None = None,
                             bias_dot: bool = True, v_join: bool = False,
-                            maxnreg: int | None | str = "auto") -> torch.Tensor:
-    """Triton path of `quantized_decode_attention` (arguments validated by the caller; see reference.py)."""
+                            maxnreg: int | None | str = "auto", lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton path of `quantized_decode_attention` (arguments validated by the caller; see reference.py).
+
+    lengths: None, or int `(2,)` (T_valid, R_valid) on the device (valid-length mode): the history/residual tensors
+    are capacity buffers; the kernels read the valid lengths themselves (DYN_LEN), and every host-side value (grid,
+    split counts, block sizes, launch arguments) depends only on the shapes, so one launch can be replayed by a CUDA
+    graph while the lengths change.
+    """
     b, hq, nq, d = query.shape
     if variant is None:
         variant = DEFAULT_VARIANT
@@ -747,7 +785,11 @@ def triton_decode_attention(query, key_codes, key_scale, key_zero, value_codes, 
                   VDT=vdt, PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
     if maxnreg is not None and not INTERPRET:  # register cap per thread: more programs per SM, a few spills
         common["maxnreg"] = int(maxnreg)
-    args = (q, kc, ks, kz, vc, vs, vz, rk, rv, start, pm, pl, po,
+    # valid-length mode: t, r above (and all that derives from them) are the capacities; the kernels bound their loops
+    # and masks by the lengths they load themselves
+    lens = lengths.contiguous() if lengths is not None else dummy
+    common["DYN_LEN"] = lengths is not None
+    args = (q, kc, ks, kz, vc, vs, vz, rk, rv, start, lens, pm, pl, po,
             float(scaling), float(softcap or 1.0), t, r, hkv, tiles_per_split, s_hist, s_total)
     if variant == 3:  # exact codes, value scales folded into p; inline PTX needs a GPU and 16-bit floats
         asm = bool(magic) and not INTERPRET and dtype in (torch.bfloat16, torch.float16)
