@@ -36,10 +36,10 @@ def tiny_llama(attn_implementation: str = "sdpa", dtype=torch.float32, seed: int
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
-        num_key_value_heads=2, attn_implementation=attn_implementation, **{"max_position_embeddings": 512, **config},
-    )
+    defaults = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                    max_position_embeddings=512)
+    config = LlamaConfig(num_hidden_layers=num_layers, attn_implementation=attn_implementation,
+                         **{**defaults, **config})
     return LlamaForCausalLM(config).to(dtype).eval()
 
 

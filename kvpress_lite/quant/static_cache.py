@@ -54,7 +54,7 @@ class StaticQuantizedKVCache(FusedAttachmentMixin, CompressedCache):
                              "attention to attach the fused kernel to)")
         self.spec = StorageSpec(bits, group_size, residual_length, key_mode="channel")
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
-        self.max_cache_len, self.kernel_impl = max_cache_len, kernel_impl
+        self._max_cache_len, self.kernel_impl = max_cache_len, kernel_impl
         super().__init__(model_or_config)
         self.spec.check_head_dim(self.geometry.head_dim)
         if not is_model or fused is False:
@@ -74,6 +74,11 @@ class StaticQuantizedKVCache(FusedAttachmentMixin, CompressedCache):
 
     def uncompressed_layer(self, layer_type: str, kwargs: dict):
         return static_passthrough_layer(layer_type, kwargs, self.max_cache_len)
+
+    @property
+    def max_cache_len(self) -> int:
+        """Tokens preallocated per row (prompt + new tokens)."""
+        return self._max_cache_len
 
     @property
     def is_compileable(self) -> bool:

@@ -1,0 +1,189 @@
+"""StaticQuantizedKVCache: same tensors as QuantizedKVCache, fused decode over valid lengths, compiled decode steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_gemma3, tiny_llama
+from transformers import CompileConfig
+
+from kvpress_lite import QuantizedKVCache, StaticQuantizedKVCache, build_cache, cache_nbytes
+from kvpress_lite._compat import cache_kwarg
+
+SMALL = dict(bits=4, group_size=16, residual_length=16)  # tiny models: head_dim 16
+
+
+def _prompt(batch=2, length=40, pad=5, seed=1):
+    torch.manual_seed(seed)
+    ids = torch.randint(0, 128, (batch, length))
+    mask = torch.ones_like(ids)
+    mask[1:, :pad] = 0  # left padding on the second row
+    return ids, mask
+
+
+def _generate(model, cache, ids, mask, new_tokens=60, **kwargs):
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, **{cache_kwarg(model): cache}, **kwargs)
+    return out.sequences, torch.stack(out.logits)
+
+
+def _compile_config(backend="aot_eager"):
+    config = CompileConfig(backend=backend, fullgraph=True, mode=None, dynamic=False)
+    config._compile_all_devices = True  # generate compiles only on accelerators unless told
+    return config
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_unfused_matches_quantized_cache_exactly(bits):
+    """CPU, uncompiled: the static cache returns the same tensors as QuantizedKVCache (bit-identical logits), across
+    several flushes (60 new tokens with G = 16)."""
+    model = tiny_llama()
+    ids, mask = _prompt()
+    kw = dict(SMALL, bits=bits)
+    seq_ref, logits_ref = _generate(model, QuantizedKVCache(model, **kw), ids, mask)
+    cache = StaticQuantizedKVCache(model, max_cache_len=100, **kw)
+    assert not cache.fused and not cache.is_compileable
+    seq, logits = _generate(model, cache, ids, mask)
+    assert torch.equal(seq, seq_ref)
+    assert torch.equal(logits, logits_ref)
+    t, r = cache.layers[0].store.lengths.tolist()
+    assert t + r == 40 + 59 and t % 16 == 0 and 16 <= r < 32  # KIVI schedule: residual in [R, R + G)
+
+
+def test_fused_step_path_matches_unfused():
+    """fused=True on CPU: decode steps write in place and run the op's reference over the valid lengths."""
+    model = tiny_llama()
+    ids, mask = _prompt()
+    seq_ref, logits_ref = _generate(model, StaticQuantizedKVCache(model, max_cache_len=100, **SMALL), ids, mask)
+    with StaticQuantizedKVCache(model, max_cache_len=100, fused=True, **SMALL) as cache:
+        assert cache.fused and cache.is_compileable
+        seq, logits = _generate(model, cache, ids, mask)
+    assert torch.equal(seq, seq_ref)
+    torch.testing.assert_close(logits, logits_ref, atol=1e-5, rtol=1e-5)
+    assert model.config._attn_implementation == "sdpa"  # leaving `with` restored the model
+
+
+def test_compiled_decode_is_one_graph_and_matches_uncompiled():
+    """generate's automatic compile (forced on CPU, aot_eager, fullgraph): one graph for every decode step (a recompile
+    raises), greedy outputs identical to the uncompiled fused path in fp32."""
+    model = tiny_llama()
+    ids, mask = _prompt()
+    with StaticQuantizedKVCache(model, max_cache_len=100, fused=True, **SMALL) as cache:
+        seq_ref, logits_ref = _generate(model, cache, ids, mask)
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        with StaticQuantizedKVCache(model, max_cache_len=100, fused=True, **SMALL) as cache:
+            seq, logits = _generate(model, cache, ids, mask, compile_config=_compile_config())
+    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["calls_captured"] > 0
+    assert torch.equal(seq, seq_ref)
+    torch.testing.assert_close(logits, logits_ref, atol=1e-6, rtol=1e-6)
+
+
+def test_hybrid_model_unfused_and_fused():
+    """Gemma 3 (sliding + full layers): sliding layers are transformers' static ones; both paths decode the same."""
+    model = tiny_gemma3()
+    ids, mask = _prompt()
+    seq_ref, logits_ref = _generate(model, QuantizedKVCache(model, **SMALL), ids, mask, new_tokens=30)
+    seq, logits = _generate(model, StaticQuantizedKVCache(model, max_cache_len=80, **SMALL), ids, mask, new_tokens=30)
+    assert torch.equal(seq, seq_ref) and torch.equal(logits, logits_ref)
+    with StaticQuantizedKVCache(model, max_cache_len=80, fused=True, **SMALL) as cache:
+        seq, logits = _generate(model, cache, ids, mask, new_tokens=30)
+    assert torch.equal(seq, seq_ref)
+    torch.testing.assert_close(logits, logits_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_max_cache_len_overflow_raises_naming_it(fused):
+    model = tiny_llama()
+    ids, mask = _prompt()
+    cache = StaticQuantizedKVCache(model, max_cache_len=60, fused=fused, **SMALL)
+    error = ValueError if not fused else RuntimeError  # the step path fails a device assertion (no host sync)
+    with cache, pytest.raises(error, match="max_cache_len=60 exceeded"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
+                       **{cache_kwarg(model): cache})
+    with pytest.raises(ValueError, match="max_cache_len=30 exceeded"):  # the prompt alone does not fit
+        model(input_ids=ids, attention_mask=mask,
+              **{cache_kwarg(model): StaticQuantizedKVCache(model, max_cache_len=30, **SMALL)})
+
+
+def test_reset_keeps_buffers_and_beam_search_reorders_in_place():
+    model = tiny_llama()
+    ids, mask = _prompt()
+    cache = StaticQuantizedKVCache(model, max_cache_len=100, **SMALL)
+    first = _generate(model, cache, ids, mask, new_tokens=20)[0]
+    store = cache.layers[0].store
+    pointers = [getattr(store, n).data_ptr() for n in store.state_names]
+    cache.reset()
+    assert int(cache.get_seq_length()) == 0
+    assert torch.equal(_generate(model, cache, ids, mask, new_tokens=20)[0], first)
+    assert pointers == [getattr(store, n).data_ptr() for n in store.state_names]
+    beam = dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, num_beams=3, do_sample=False)
+    beams_ref = model.generate(**beam, **{cache_kwarg(model): QuantizedKVCache(model, **SMALL)})
+    beams = model.generate(**beam, **{cache_kwarg(model): StaticQuantizedKVCache(model, max_cache_len=80, **SMALL)})
+    assert torch.equal(beams, beams_ref)
+
+
+def test_bad_input_raises():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="max_cache_len is required"):
+        StaticQuantizedKVCache(model, bits=4)
+    with pytest.raises(ValueError, match="max_cache_len=0"):
+        StaticQuantizedKVCache(model, bits=4, max_cache_len=0)
+    with pytest.raises(ValueError, match=r"bits=3 is not supported; accepted values: \[2, 4, 8\]"):
+        StaticQuantizedKVCache(model, bits=3, max_cache_len=64)
+    with pytest.raises(ValueError, match="group_size=64 must divide head_dim=16"):
+        StaticQuantizedKVCache(model, bits=4, max_cache_len=64)
+    with pytest.raises(ValueError, match="fused=True needs the model"):
+        StaticQuantizedKVCache(model.config, max_cache_len=64, fused=True, **SMALL)
+    ids, mask = _prompt()
+    cache = StaticQuantizedKVCache(model, max_cache_len=100, **SMALL)
+    _generate(model, cache, ids, mask, new_tokens=2)
+    cache.reset()
+    with pytest.raises(ValueError, match="allocated for batch 2"):  # buffers are preallocated for the first batch
+        _generate(model, cache, ids[:1], mask[:1], new_tokens=2)
+    with pytest.raises(ValueError, match="fixed batch size"):
+        cache.batch_repeat_interleave(2)
+    right = mask.flip(-1)  # right padding: the fused decode supports left padding only
+    with StaticQuantizedKVCache(model, max_cache_len=100, fused=True, **SMALL) as fused, \
+            pytest.raises(ValueError, match="left padding only"):
+        _generate(model, fused, ids, right, new_tokens=2)
+    other = tiny_llama(num_layers=2, num_key_value_heads=4)
+    with pytest.raises(ValueError, match="was built for"):
+        _generate(other, StaticQuantizedKVCache(model, max_cache_len=100, **SMALL), ids, mask, new_tokens=2)
+
+
+def test_registry_and_preallocated_bytes():
+    """Registered as `quantized_static`; its bytes are fixed at allocation and, at 32k tokens, within 0.3x of a
+    bf16 DynamicCache's, preallocation included (int4, G=64, R=128: the int4 cache's own ratio)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, hidden_size=512,
+                         head_dim=64)
+    cache = build_cache("quantized_static", config, bits=4, max_cache_len=32768)
+    assert isinstance(cache, StaticQuantizedKVCache)
+    for layer in cache.layers:
+        layer.lazy_initialization(*[torch.zeros(1, 2, 0, 64, dtype=torch.bfloat16)] * 2)
+    dynamic_bytes = 2 * 2 * 2 * 32768 * 64 * 2  # layers x (K, V) x heads x tokens x head_dim x bf16
+    ratio = cache_nbytes(cache) / dynamic_bytes
+    assert 0.28 < ratio <= 0.3, ratio
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernel under CUDA graphs)")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cuda_compiled_reduce_overhead_matches_eager(bits):
+    """On the GPU: generate's own compile (inductor, CUDA graphs) gives the tokens of the uncompiled Triton path."""
+    model = tiny_llama(dtype=torch.bfloat16, hidden_size=512, num_attention_heads=8, num_key_value_heads=2,
+                       head_dim=64).cuda()
+    ids, mask = _prompt(length=200, pad=17)
+    ids, mask = ids.cuda(), mask.cuda()
+    kw = dict(bits=bits, group_size=64, residual_length=64)
+    with StaticQuantizedKVCache(model, max_cache_len=400, **kw) as cache:
+        assert cache.fused
+        seq_ref, _ = _generate(model, cache, ids, mask, new_tokens=150, disable_compile=True)
+    with StaticQuantizedKVCache(model, max_cache_len=400, **kw) as cache:
+        seq, _ = _generate(model, cache, ids, mask, new_tokens=150)
+    assert torch.equal(seq, seq_ref)
