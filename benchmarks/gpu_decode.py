@@ -13,6 +13,13 @@ short the prompt is prefilled once (batch 1) and the cache is replicated to batc
 from the measured bytes per row and shrinks by 12% after an out-of-memory error.
 
     python benchmarks/gpu_decode.py --grid 8192x1 8192x8 32768x1 32768x4 --capacity-length 32768
+
+Compiled caches (`--generate-grid`): `StaticCache` and `StaticQuantizedKVCache` are fast only through `generate`'s
+own compile of the decode step, so a second table times `generate` itself, per step, for them and for DynamicCache
+and QuantizedKVCache at the same shapes (benchmarks/generate_steps.py: method, warm-up/compile time separately).
+
+    python benchmarks/gpu_decode.py --grid --generate-grid 8192x1 8192x8 32768x4
+    python benchmarks/gpu_decode.py --device cpu --small --grid --generate-grid 256x2   # a CPU smoke run of the code
 """
 
 from __future__ import annotations
@@ -27,6 +34,11 @@ import torch
 from kvpress_lite import build_cache, cache_nbytes
 from kvpress_lite._compat import cache_kwarg
 
+try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.gpu_decode
+    from generate_steps import GENERATE_CACHES, measure_generate, print_table
+except ImportError:  # pragma: no cover
+    from benchmarks.generate_steps import GENERATE_CACHES, measure_generate, print_table
+
 CACHES = {
     "DynamicCache": ("dynamic", {}),
     "QuantizedCache quanto int4": ("hf-quantized", {"backend": "quanto", "bits": 4}),
@@ -38,16 +50,20 @@ CACHES = {
 CAPACITY_CACHES = ["DynamicCache", "ours int8", "ours int4", "snapkv 0.25 + int4"]  # quanto: see --help
 
 
-def build_model(layers: int):
+def build_model(layers: int, device: str = "cuda", small: bool = False):
+    """Llama-3.1-8B's shape, `layers` layers, random bf16 weights (`small`: a 2-layer toy of it, for smoke runs)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
-        rope_theta=500000.0, attn_implementation="sdpa",
-    )
+    shape = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                 vocab_size=128256)
+    if small:
+        shape = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2,
+                     vocab_size=2048)
+        layers = 2
+    config = LlamaConfig(num_hidden_layers=layers, head_dim=128 if not small else 64, max_position_embeddings=131072,
+                         rope_theta=500000.0, attn_implementation="sdpa", **shape)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     for p in model.parameters():  # random but well-scaled weights
         torch.nn.init.normal_(p, std=0.02)
@@ -66,10 +82,17 @@ def timed_generate(model, ids, name, params, new_tokens, prefill_chunk_size=None
     return time.perf_counter() - start, cache
 
 
+PREFILL_CHUNK = 0  # --prefill-chunk: 0 = the prompt in one forward
+
+
 @torch.no_grad()
 def prefill(model, cache, ids):
-    """One forward over the prompt; returns the first generated token `[B, 1]`."""
-    out = model(input_ids=ids, logits_to_keep=1, use_cache=True, **{cache_kwarg(model): cache})
+    """The prompt in one forward, or in forwards of `PREFILL_CHUNK` tokens (the activation peak of one chunk instead
+    of the whole prompt, as `generate(prefill_chunk_size=...)` does); returns the first generated token `[B, 1]`."""
+    chunk = PREFILL_CHUNK or ids.shape[1]
+    for start in range(0, ids.shape[1], chunk):
+        out = model(input_ids=ids[:, start : start + chunk], logits_to_keep=1, use_cache=True,
+                    **{cache_kwarg(model): cache})
     return out.logits[:, -1:].argmax(-1)
 
 
@@ -164,7 +187,7 @@ def capacity(model, length, label, per_row_gib, weights, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--grid", nargs="+", default=["8192x1", "8192x8", "32768x1", "32768x4"],
+    parser.add_argument("--grid", nargs="*", default=["8192x1", "8192x8", "32768x1", "32768x4"],
                         help="LENGTHxBATCH points")
     parser.add_argument("--caches", nargs="+", default=list(CACHES))
     parser.add_argument("--warm", type=int, default=5)
@@ -177,15 +200,52 @@ def main() -> None:
     parser.add_argument("--capacity-tries", type=int, default=4)
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--margin-gib", type=float, default=6.0)
+    parser.add_argument("--generate-grid", nargs="*", default=[], help="LENGTHxBATCH points timed through generate")
+    parser.add_argument("--generate-caches", nargs="+", default=list(GENERATE_CACHES))
+    parser.add_argument("--generate-tokens", type=int, default=64, help="timed steps per generate row (+ a few)")
+    parser.add_argument("--prefill-chunk", type=int, default=0,
+                        help="prefill the grid's prompts in chunks of this many tokens (peak memory of a chunked "
+                             "prefill, for every cache alike); 0: one forward")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--small", action="store_true", help="a 2-layer toy model (smoke runs of this script)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     import transformers
-    import triton
 
-    model = build_model(args.layers)
-    weights = torch.cuda.memory_allocated()
-    print(f"GPU {torch.cuda.get_device_name()} torch {torch.__version__} transformers {transformers.__version__} "
-          f"triton {triton.__version__} weights {weights / 2**30:.2f} GiB", flush=True)
+    global PREFILL_CHUNK
+    PREFILL_CHUNK = args.prefill_chunk
+    torch._dynamo.config.cache_size_limit = 64  # one recompile per cache type and shape, never the eager fallback
+    model = build_model(args.layers, args.device, args.small)
+    vocab = model.config.vocab_size
+    if args.device == "cuda":
+        import triton
+
+        weights = torch.cuda.memory_allocated()
+        print(f"GPU {torch.cuda.get_device_name()} torch {torch.__version__} transformers {transformers.__version__} "
+              f"triton {triton.__version__} weights {weights / 2**30:.2f} GiB", flush=True)
+    else:
+        weights = 0
+        print(f"device {args.device} torch {torch.__version__} transformers {transformers.__version__}", flush=True)
+    compile_config = None
+    if args.device == "cpu":  # generate compiles on accelerators only: force it (aot_eager: checks the graph, fast)
+        compile_config = transformers.CompileConfig(backend="aot_eager", mode=None, fullgraph=True)
+        compile_config._compile_all_devices = True
+    gen_rows = []
+    for point in args.generate_grid:
+        length, batch = (int(x) for x in point.split("x"))
+        ids = torch.randint(10, vocab, (batch, length), device=args.device)
+        for label in args.generate_caches:
+            row = measure_generate(model, ids, label, new_tokens=args.generate_tokens + 4, weights=weights,
+                                   compile_config=compile_config)
+            gen_rows.append(row)
+            print(json.dumps(row), flush=True)
+    if gen_rows:
+        print_table(gen_rows)
+    if not args.grid:
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"generate": gen_rows}, handle, indent=1)
+        return
     short = torch.randint(1000, 100000, (2, 512), device="cuda")
     for label in args.caches:  # warm-up: kernels compiled, allocator primed, for every cache
         measure(model, short, label, weights, 2, 2)
@@ -233,7 +293,7 @@ def main() -> None:
                       f"{r['tokens_per_s']:.0f} | {r['kv_gib']:.1f} | {r['peak_gib']:.1f} | {r['tried']} |")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"grid": rows, "capacity": cap_rows}, handle, indent=1)
+            json.dump({"grid": rows, "capacity": cap_rows, "generate": gen_rows}, handle, indent=1)
 
 
 if __name__ == "__main__":
