@@ -181,9 +181,27 @@ def test_cuda_compiled_reduce_overhead_matches_eager(bits):
     ids, mask = _prompt(length=200, pad=17)
     ids, mask = ids.cuda(), mask.cuda()
     kw = dict(bits=bits, group_size=64, residual_length=64)
-    with StaticQuantizedKVCache(model, max_cache_len=400, **kw) as cache:
+    with StaticQuantizedKVCache(model, max_cache_len=370, **kw) as cache:
         assert cache.fused
         seq_ref, _ = _generate(model, cache, ids, mask, new_tokens=150, disable_compile=True)
-    with StaticQuantizedKVCache(model, max_cache_len=400, **kw) as cache:
+    with StaticQuantizedKVCache(model, max_cache_len=370, **kw) as cache:
         seq, _ = _generate(model, cache, ids, mask, new_tokens=150)
     assert torch.equal(seq, seq_ref)
+
+
+@pytest.mark.model
+def test_smollm2_static_equals_quantized_cache(smollm2):
+    """The real SmolLM2-135M in bf16 with the defaults (int4, G=64, R=128): 300-token prompt, 70 greedy tokens (a flush
+    at step 20): the uncompiled static cache gives QuantizedKVCache's logits bit for bit; the fused step path (the op's
+    reference on CPU) the same greedy tokens."""
+    model, tok = smollm2
+    text = "def fibonacci(n):\n    " * 40
+    ids = tok(text, return_tensors="pt").input_ids[:, :300]
+    mask = torch.ones_like(ids)
+    seq_ref, logits_ref = _generate(model, QuantizedKVCache(model, bits=4), ids, mask, new_tokens=70)
+    cache = StaticQuantizedKVCache(model, bits=4, max_cache_len=370)
+    seq, logits = _generate(model, cache, ids, mask, new_tokens=70)
+    assert torch.equal(seq, seq_ref) and torch.equal(logits, logits_ref)
+    with StaticQuantizedKVCache(model, bits=4, max_cache_len=370, fused=True) as fused:
+        seq_fused, _ = _generate(model, fused, ids, mask, new_tokens=70)
+    assert torch.equal(seq_fused, seq_ref)
