@@ -20,6 +20,8 @@ REQUIRED = {"eviction": {"budget": 24}, "quantization": {"group_size": 16}, "cro
 # Params under which a strategy keeps every token in full precision (prompts + new tokens < 100 here).
 LOSSLESS = {"eviction": {"budget": 1000}, "quantization": {"group_size": 16, "residual_length": 1000},
             "cross-layer": {"start": 0, "window": 1000}, "baseline": {}}  # cross-layer merges tokens leaving the window
+# Static caches preallocate: they also need the number of tokens (prompts + new tokens < 100 here).
+STATIC = {"quantized_static": {"max_cache_len": 128}}
 # transformers' QuantizedCache quantizes its first prefill whatever the window: never lossless.
 NOT_LOSSLESS = {"hf-quantized"}
 
@@ -39,6 +41,7 @@ def test_every_strategy_builds_documents_itself_and_is_in_readme(name):
     assert f"`{name}`" in README, f"strategy {name!r} missing from README's strategy table"
     model = tiny_llama()
     params = REQUIRED[strategy.family] if name != "hf-quantized" else {"group_size": 16}
+    params = {**params, **STATIC.get(name, {})}
     cache = build_cache(name, model, **params)
     out = _generate(model, cache, torch.randint(0, 128, (1, 40)), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 43) and cache_nbytes(cache) > 0
@@ -54,7 +57,7 @@ def test_beam_search_and_seeded_sampling_match_dynamic_when_nothing_is_compresse
     give DynamicCache's tokens exactly when the strategy keeps everything in full precision."""
     model = make_model()
     ids = torch.randint(1, 128, (2, 30), generator=torch.Generator().manual_seed(0))
-    params = LOSSLESS[STRATEGIES[name].family]
+    params = {**LOSSLESS[STRATEGIES[name].family], **STATIC.get(name, {})}
     beam = dict(max_new_tokens=8, num_beams=3, do_sample=False, num_return_sequences=2)
     expected = _generate(model, DynamicCache(config=model.config), ids, **beam)
     got = _generate(model, build_cache(name, model, **params), ids, **beam)
