@@ -208,6 +208,11 @@ def main() -> None:
                              "prefill, for every cache alike); 0: one forward")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="a 2-layer toy model (smoke runs of this script)")
+    parser.add_argument("--model", default=None, help="a real model for the generate rows instead of the random "
+                        "8B shape, e.g. smollm2-135m (kvpress_lite.load_model, bf16)")
+    parser.add_argument("--cpu-backend", default="aot_eager",
+                        help="torch.compile backend on a CPU: aot_eager (checks the graph, fast) or inductor (speed)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads on a CPU (0: torch's default)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     import transformers
@@ -215,7 +220,14 @@ def main() -> None:
     global PREFILL_CHUNK
     PREFILL_CHUNK = args.prefill_chunk
     torch._dynamo.config.cache_size_limit = 64  # one recompile per cache type and shape, never the eager fallback
-    model = build_model(args.layers, args.device, args.small)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model:
+        from kvpress_lite import load_model
+
+        model = load_model(args.model, dtype=torch.bfloat16, device=args.device)[0]
+    else:
+        model = build_model(args.layers, args.device, args.small)
     vocab = model.config.vocab_size
     if args.device == "cuda":
         import triton
@@ -225,10 +237,12 @@ def main() -> None:
               f"triton {triton.__version__} weights {weights / 2**30:.2f} GiB", flush=True)
     else:
         weights = 0
-        print(f"device {args.device} torch {torch.__version__} transformers {transformers.__version__}", flush=True)
+        print(f"device {args.device} torch {torch.__version__} ({torch.get_num_threads()} threads) transformers "
+              f"{transformers.__version__} model {args.model or 'random Llama'} compile backend {args.cpu_backend}",
+              flush=True)
     compile_config = None
     if args.device == "cpu":  # generate compiles on accelerators only: force it (aot_eager: checks the graph, fast)
-        compile_config = transformers.CompileConfig(backend="aot_eager", mode=None, fullgraph=True)
+        compile_config = transformers.CompileConfig(backend=args.cpu_backend, mode=None, fullgraph=True)
         compile_config._compile_all_devices = True
     gen_rows = []
     for point in args.generate_grid:

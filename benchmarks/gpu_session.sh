@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU measurements of docs/static-cache.md and docs/kernels.md, in steps that each fit a 10-minute call on one
+# H100/H200 with torch, transformers and triton preinstalled (the package is pure Python: PYTHONPATH=. is enough).
+# Results (JSON + logs) go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh STEP, STEP one of:
+#   tests     the CUDA tests: kernels at real shapes (eager and valid-length mode under a CUDA graph), the fused
+#             QuantizedKVCache, StaticQuantizedKVCache compiled by generate (inductor, CUDA graphs)   (~3 min)
+#   kernel    the decode kernel alone at 32k x 8 against SDPA over bf16 and the copy bandwidth          (~2 min)
+#   generate  decode steps through generate: DynamicCache, QuantizedKVCache int4, StaticCache compiled,
+#             StaticQuantizedKVCache int4/int8 compiled at 8k x 1, 8k x 8, 32k x 4 (compile time apart)  (~8 min)
+#   decode    decode forwards timed alone for every cache (kernel v3), 4 grid points                    (~8 min)
+#   peak      peak memory of a chunked prefill at 32k x 1 (4096-token chunks), DynamicCache vs int4     (~2 min)
+#   capacity  largest batch at 32k and its throughput                                                 (~8 min)
+# transformers' quanto cache (the "QuantizedCache quanto int4" rows of `decode`) needs optimum-quanto, which the GPU image
+# lacks: carry its wheel (device README, ".whl") or that row reports an import error and the others run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+step=${1:?usage: gpu_session.sh tests|kernel|generate|decode|peak|capacity}
+case $step in
+  tests)
+    python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_static_cache.py \
+      tests/test_attention_bridge.py -k "gpu or cuda" 2>&1 | tee "$out/tests.log" ;;
+  kernel)
+    python benchmarks/kernel_bench.py --quick --json "$out/kernel.json" 2>&1 | tee "$out/kernel.log" ;;
+  generate)
+    python benchmarks/gpu_decode.py --grid --generate-grid 8192x1 8192x8 32768x4 --json "$out/generate.json" \
+      2>&1 | tee "$out/generate.log" ;;
+  decode)
+    python benchmarks/gpu_decode.py --grid 8192x1 8192x8 32768x1 32768x4 --json "$out/decode.json" \
+      2>&1 | tee "$out/decode.log" ;;
+  peak)
+    python benchmarks/gpu_decode.py --grid 32768x1 --prefill-chunk 4096 --caches DynamicCache "ours int4" \
+      --json "$out/peak.json" 2>&1 | tee "$out/peak.log" ;;
+  capacity)
+    python benchmarks/gpu_decode.py --grid 32768x1 --caches DynamicCache "ours int8" "ours int4" \
+      --capacity-length 32768 --json "$out/capacity.json" 2>&1 | tee "$out/capacity.log" ;;
+  *) echo "unknown step $step" >&2; exit 2 ;;
+esac
