@@ -73,7 +73,17 @@ class StaticQuantizedKVCache(FusedAttachmentMixin, CompressedCache):
                                       self.kernel_impl)
 
     def uncompressed_layer(self, layer_type: str, kwargs: dict):
-        return static_passthrough_layer(layer_type, kwargs, self.max_cache_len)
+        """Sliding/chunked layers: `StaticSlidingWindowKVLayer` (compileable, lengths on the device); dummy layers:
+        transformers' own."""
+        built = self.__dict__.get("_uncompressed_built", 0)  # CompressedCache builds the layers in model order:
+        self._uncompressed_built = built + 1                 # this is the `built`-th layer that is not full attention
+        if layer_type not in ("sliding_attention", "chunked_attention"):
+            return static_passthrough_layer(layer_type, kwargs, self.max_cache_len)
+        layer_idx = [i for i, t in enumerate(self.geometry.layer_types) if t != "full_attention"][built]
+        from .static_sliding import StaticSlidingWindowKVLayer
+
+        return StaticSlidingWindowKVLayer(self.max_cache_len, kwargs["sliding_window"], layer_idx,
+                                          chunked=layer_type == "chunked_attention")
 
     @property
     def max_cache_len(self) -> int:
