@@ -62,7 +62,7 @@ class CompressedCache(Cache):
         self.geometry = ModelGeometry.of(config)
         layer_types, kwargs = layer_specs(config)
         layers = [
-            self.full_attention_layer(i) if kind == "full_attention" else self.uncompressed_layer(kind, kw)
+            self.full_attention_layer(i) if kind == "full_attention" else self.uncompressed_layer(kind, kw, i)
             for i, (kind, kw) in enumerate(zip(layer_types, kwargs))
         ]
         super().__init__(layers=layers)
@@ -73,8 +73,9 @@ class CompressedCache(Cache):
         """The cache layer a family stores at full-attention layer `layer_idx`."""
         raise NotImplementedError
 
-    def uncompressed_layer(self, layer_type: str, kwargs: dict):
-        """The layer kept at a sliding/chunked/dummy layer: transformers' dynamic one unless a family overrides it."""
+    def uncompressed_layer(self, layer_type: str, kwargs: dict, layer_idx: int):
+        """The layer kept at sliding/chunked/dummy layer `layer_idx`: transformers' dynamic one unless a family
+        overrides it (`kwargs` holds `sliding_window` for sliding/chunked layers)."""
         return passthrough_layer(layer_type, kwargs)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):

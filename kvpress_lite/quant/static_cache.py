@@ -9,6 +9,7 @@ from ..registry import register
 from ..storage import StorageSpec, _positive_int
 from .attached import FusedAttachmentMixin
 from .static_layer import StaticQuantizedKVLayer
+from .static_sliding import StaticSlidingWindowKVLayer
 
 
 class StaticQuantizedKVCache(FusedAttachmentMixin, CompressedCache):
@@ -20,7 +21,8 @@ class StaticQuantizedKVCache(FusedAttachmentMixin, CompressedCache):
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, cache=cache)
 
     Every full-attention layer preallocates its packed history and full-precision window for `max_cache_len`
-    tokens and writes in place (`quant/static_storage.py`); sliding layers are transformers' static sliding layers.
+    tokens and writes in place (`quant/static_storage.py`); sliding/chunked layers are `StaticSlidingWindowKVLayer`
+    (full precision, the last `sliding_window` tokens, lengths on the device: compileable too).
     A decode step of at most 16 tokens runs `quantized_decode_attention` over each row's valid length, read on the
     device (no dense mask over the preallocated length, no host sync), so it can be captured in a CUDA graph. The
     prompt keeps the model's attention over a dequantized copy. The quantization is `QuantizedKVCache`'s, token for
@@ -72,16 +74,11 @@ class StaticQuantizedKVCache(FusedAttachmentMixin, CompressedCache):
         return StaticQuantizedKVLayer(self.bits, self.group_size, self.residual_length, self.max_cache_len, layer_idx,
                                       self.kernel_impl)
 
-    def uncompressed_layer(self, layer_type: str, kwargs: dict):
+    def uncompressed_layer(self, layer_type: str, kwargs: dict, layer_idx: int):
         """Sliding/chunked layers: `StaticSlidingWindowKVLayer` (compileable, lengths on the device); dummy layers:
         transformers' own."""
-        built = self.__dict__.get("_uncompressed_built", 0)  # CompressedCache builds the layers in model order:
-        self._uncompressed_built = built + 1                 # this is the `built`-th layer that is not full attention
         if layer_type not in ("sliding_attention", "chunked_attention"):
             return static_passthrough_layer(layer_type, kwargs, self.max_cache_len)
-        layer_idx = [i for i, t in enumerate(self.geometry.layer_types) if t != "full_attention"][built]
-        from .static_sliding import StaticSlidingWindowKVLayer
-
         return StaticSlidingWindowKVLayer(self.max_cache_len, kwargs["sliding_window"], layer_idx,
                                           chunked=layer_type == "chunked_attention")
 
