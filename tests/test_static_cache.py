@@ -175,8 +175,8 @@ def test_registry_and_preallocated_bytes():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernel under CUDA graphs)")
 @pytest.mark.parametrize("bits", [4, 8])
 def test_cuda_compiled_reduce_overhead_matches_eager(bits):
-    """On the GPU: generate's own compile (inductor, CUDA graphs) gives the tokens of the uncompiled Triton path."""
-    model = tiny_llama(dtype=torch.bfloat16, hidden_size=512, num_attention_heads=8, num_key_value_heads=2,
+    """On the GPU, fp32: generate's own compile (inductor, CUDA graphs) gives the uncompiled Triton path's tokens."""
+    model = tiny_llama(dtype=torch.float32, hidden_size=512, num_attention_heads=8, num_key_value_heads=2,
                        head_dim=64).cuda()
     ids, mask = _prompt(length=200, pad=17)
     ids, mask = ids.cuda(), mask.cuda()
@@ -205,3 +205,18 @@ def test_smollm2_static_equals_quantized_cache(smollm2):
     with StaticQuantizedKVCache(model, bits=4, max_cache_len=370, fused=True) as fused:
         seq_fused, _ = _generate(model, fused, ids, mask, new_tokens=70)
     assert torch.equal(seq_fused, seq_ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernel under CUDA graphs)")
+def test_cuda_compiled_hybrid_model_matches_eager():
+    """Gemma 3 on the GPU, fp32: sliding layers (StaticSlidingWindowKVLayer) and quantized full layers compiled."""
+    model = tiny_gemma3(dtype=torch.float32, head_dim=64, hidden_size=256, sliding_window=64).cuda()
+    ids, mask = _prompt(length=200, pad=17)
+    ids, mask = ids.cuda(), mask.cuda()
+    kw = dict(bits=4, group_size=64, residual_length=64)
+    with StaticQuantizedKVCache(model, max_cache_len=400, **kw) as cache:
+        assert cache.fused
+        seq_ref, _ = _generate(model, cache, ids, mask, new_tokens=150, disable_compile=True)
+    with StaticQuantizedKVCache(model, max_cache_len=400, **kw) as cache:
+        seq, _ = _generate(model, cache, ids, mask, new_tokens=150)
+    assert torch.equal(seq, seq_ref)
