@@ -10,12 +10,14 @@ from conftest import tiny_gemma3, tiny_llama
 
 from kvpress_lite import STRATEGIES, EvictionCache, QuantizedKVCache, build_cache, cache_nbytes
 from kvpress_lite._compat import cache_kwarg
+from kvpress_lite.quant.static_storage import StaticQuantizedKV
 from kvpress_lite.storage import QuantizedKV
 
 # (strategy, bits) for every kvpress_lite strategy that stores its KV quantized; tiny models have head_dim 16.
 COMPOSABLE = sorted(n for n, s in STRATEGIES.items() if "bits" in s.params and s.family != "baseline")
 TINY = {"group_size": 8, "residual_length": 4}
 BUDGET = {"eviction": {"ratio": 0.5}}
+STATIC = {"quantized_static": {"max_cache_len": 64}}  # preallocating caches need their length
 
 
 def _generate(model, cache, ids, **kwargs):
@@ -30,12 +32,14 @@ def _generate(model, cache, ids, **kwargs):
 @pytest.mark.parametrize("name", COMPOSABLE)
 def test_every_strategy_stores_quantized_with_every_bits(name, bits):
     model = tiny_llama()
-    cache = build_cache(name, model, bits=bits, **TINY, **BUDGET.get(STRATEGIES[name].family, {}))
+    cache = build_cache(name, model, bits=bits, **TINY, **BUDGET.get(STRATEGIES[name].family, {}),
+                        **STATIC.get(name, {}))
     ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(0))
     out = _generate(model, cache, ids, max_new_tokens=5, do_sample=False)
     assert out.shape == (2, 45)
     stores = [layer.store for layer in cache.layers]
-    assert all(isinstance(s, QuantizedKV) and s.bits == bits and s.quantized_length > 0 for s in stores)
+    kinds = (QuantizedKV, StaticQuantizedKV)
+    assert all(isinstance(s, kinds) and s.bits == bits and s.quantized_length > 0 for s in stores)
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "tova", "h2o"])

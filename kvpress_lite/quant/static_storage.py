@@ -84,6 +84,11 @@ class StaticQuantizedKV:
                 "keep the batch size)"
             )
 
+    @property
+    def quantized_length(self) -> int:
+        """Tokens held in the quantized history (T; read on the host, a device sync on CUDA)."""
+        return self.host_lengths()[0] if self.allocated else 0
+
     # ------------------------------------------------------------------ host path
     def host_lengths(self) -> tuple[int, int]:
         """(T, R) read on the host (a device sync on CUDA)."""
