@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import tiny_gemma3, tiny_llama
@@ -81,6 +87,39 @@ def test_compiled_decode_is_one_graph_and_matches_uncompiled():
     assert counters["stats"]["calls_captured"] > 0
     assert torch.equal(seq, seq_ref)
     torch.testing.assert_close(logits, logits_ref, atol=1e-6, rtol=1e-6)
+
+
+def _interpreted_triton_run() -> dict:
+    """In a process with TRITON_INTERPRET=1: greedy tokens of the step path through the Triton kernel (interpreted on
+    CPU tensors), uncompiled and compiled by generate (one graph), against the op's torch reference."""
+    torch.set_num_threads(1)
+    model = tiny_llama()
+    ids, mask = _prompt()
+    result = {}
+    for name, impl, compiled in (("torch", "torch", False), ("triton", "triton", True)):
+        torch._dynamo.reset()
+        extra = {"compile_config": _compile_config()} if compiled else {}
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            with StaticQuantizedKVCache(model, max_cache_len=80, fused=True, kernel_impl=impl, **SMALL) as cache:
+                seq, logits = _generate(model, cache, ids, mask, new_tokens=12, **extra)
+        result[name] = {"tokens": seq.tolist(), "logits": logits.flatten()[:4096].tolist()}
+    return result
+
+
+def test_step_path_through_interpreted_triton_kernel_compiled():
+    """The GPU code path (Triton kernel with valid lengths read on the device) end to end on the CPU: compiled through
+    generate with the kernel interpreted, the same tokens as the torch reference (a flush happens at step 8)."""
+    pytest.importorskip("triton", reason="triton is not installed (optional dependency)")
+    pytest.importorskip("numpy", reason="Triton's interpreter needs numpy")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    root = pathlib.Path(__file__).parents[1]
+    proc = subprocess.run([sys.executable, __file__, "--interpret"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["triton"]["tokens"] == result["torch"]["tokens"]
+    torch.testing.assert_close(torch.tensor(result["triton"]["logits"]), torch.tensor(result["torch"]["logits"]),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_hybrid_model_unfused_and_fused():
@@ -220,3 +259,8 @@ def test_cuda_compiled_hybrid_model_matches_eager():
     with StaticQuantizedKVCache(model, max_cache_len=400, **kw) as cache:
         seq, _ = _generate(model, cache, ids, mask, new_tokens=150)
     assert torch.equal(seq, seq_ref)
+
+
+if __name__ == "__main__" and "--interpret" in sys.argv:
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    print(json.dumps(_interpreted_triton_run()))
