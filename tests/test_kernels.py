@@ -468,3 +468,25 @@ def test_triton_valid_lengths_gpu(bits, key_mode):
 
 if __name__ == "__main__" and "--interpret" in sys.argv:
     print(json.dumps(run_interpret_cases()))
+
+
+# ---------------------------------------------------------------------------------------------- impl "sdpa"
+@pytest.mark.parametrize("case", LENGTH_CASES, ids=lambda c: c[0])
+def test_sdpa_impl_matches_reference(case):
+    """impl="sdpa" (the history dequantized in the cache dtype, then torch SDPA; the static cache's CPU path) computes
+    the reference's attention: valid lengths over capacity buffers with garbage past them, GQA, q > 1, left padding
+    (rows that see no key return zeros); within the cache dtype's rounding."""
+    cap, lengths, compact, kv_start = _length_case_inputs(case, seed=3)
+    ref = quantized_decode_attention(**compact, kv_start=kv_start, impl="torch")
+    out = quantized_decode_attention(**cap, kv_start=kv_start, lengths=lengths, impl="sdpa")
+    assert out.dtype == ref.dtype and out.shape == ref.shape and bool(torch.isfinite(out).all())
+    tol = 2e-2 if out.dtype == torch.bfloat16 else 1e-4
+    assert rel_err(out, ref) < tol
+    no_key = ref.abs().sum(-1) == 0
+    assert torch.equal(out[no_key], ref[no_key])
+
+
+def test_sdpa_impl_softcap_falls_back_to_reference():
+    inp = make_inputs(2, 2, 2, 3, 32, 32, 5, 4, 16, "channel", dtype=torch.float32)
+    ref = quantized_decode_attention(**inp, softcap=5.0, impl="torch")
+    assert torch.equal(quantized_decode_attention(**inp, softcap=5.0, impl="sdpa"), ref)

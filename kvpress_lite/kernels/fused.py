@@ -51,7 +51,7 @@ def fusable(store, q: int, kernel_impl: str) -> bool:
         return False
     if store.keys is None or store.keys.dtype not in DTYPES:
         return False
-    if kernel_impl == "torch":
+    if kernel_impl in ("torch", "sdpa"):
         return True
     refusal = _op_module._triton_refusal(store.keys, store.keys.shape[-1], store.bits, store.group_size,
                                          store.key_mode == "channel")
@@ -94,9 +94,9 @@ def attend_store(store, query: torch.Tensor, attention_mask, kwargs: dict, kerne
 def static_refusal(device: torch.device, head_dim: int, bits: int, group_size: int, kernel_impl: str) -> str | None:
     """None if a static cache on `device` can decode through the kernel with fixed launch arguments, else why not.
 
-    On CUDA that is the Triton kernel (the torch reference reads the valid lengths on the host, which CUDA graphs
-    cannot capture); elsewhere the reference (CPU: uncompiled, or compiled without CUDA graphs)."""
-    if device.type != "cuda" or kernel_impl == "torch":
+    On CUDA that is the Triton kernel (the torch paths read the valid lengths on the host, which CUDA graphs cannot
+    capture: "torch"/"sdpa" there are for debugging); elsewhere the op's torch paths ("auto": "sdpa")."""
+    if device.type != "cuda" or kernel_impl in ("torch", "sdpa"):
         return None
     probe = torch.empty(0, device=device)
     return _op_module._triton_refusal(probe, head_dim, bits, group_size, True)
@@ -123,7 +123,9 @@ def attend_static(store, query: torch.Tensor, kv_start, kwargs: dict, kernel_imp
     args = (query, store.key_codes, store.key_scale, store.key_zero, store.value_codes, store.value_scale,
             store.value_zero, store.keys, store.values, kv_start, int(store.bits), int(store.group_size), True,
             float(scaling), float(kwargs.get("softcap") or 0.0))
-    if query.is_cuda and kernel_impl != "torch" and not torch.compiler.is_compiling():
+    if not query.is_cuda and kernel_impl == "auto":
+        kernel_impl = "sdpa"  # the fast torch path on a CPU (the fp32 reference is impl "torch")
+    if query.is_cuda and kernel_impl not in ("torch", "sdpa") and not torch.compiler.is_compiling():
         out = _op_module._triton.triton_decode_attention(*args, lengths=store.lengths)
     else:
         out = _op_module._op(*args, kernel_impl, store.lengths)

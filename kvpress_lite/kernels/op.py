@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .reference import reference_decode_attention
+from .sdpa_path import dequantized_sdpa_attention
 
 try:
     from . import triton_decode as _triton
@@ -19,7 +20,7 @@ except ImportError as exc:  # triton is an optional dependency
     _triton = None
     _TRITON_ERROR = exc
 
-IMPLS = ("auto", "triton", "torch")
+IMPLS = ("auto", "triton", "torch", "sdpa")
 BITS = (2, 4, 8)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -64,6 +65,8 @@ def _op(
             residual_values, kv_start, bits, group_size, key_per_channel, scaling, softcap)
     if impl == "torch":
         return reference_decode_attention(*args, lengths=lengths)
+    if impl == "sdpa":
+        return dequantized_sdpa_attention(*args, lengths=lengths)
     refusal = _triton_refusal(query, query.shape[-1], bits, group_size, key_per_channel)
     if refusal is None and (impl == "triton" or query.is_cuda):
         return _triton.triton_decode_attention(*args, lengths=lengths)
@@ -122,7 +125,8 @@ def quantized_decode_attention(
         residual_keys, residual_values: `[B, H_kv, R', D]` in the query's dtype, or None when R' == 0.
         kv_start: int `[B]`, first valid key of each row (left padding), or None.
         bits: 8, 4 or 2. group_size: G. scaling: multiplies q . k. softcap: Gemma-2 score cap or None.
-        impl: "auto" (Triton on CUDA when installed and the shape is supported, else torch), "triton", "torch".
+        impl: "auto" (Triton on CUDA when installed and the shape is supported, else torch), "triton", "torch" (the
+            fp32 reference), "sdpa" (the history dequantized in the cache dtype, then SDPA: the fast CPU path).
         lengths: None, or an integer `(2,)` tensor on the query's device holding `(T_valid, R_valid)` (valid-length
             mode, static buffers for torch.compile / CUDA graphs): the T and R' dimensions above are then
             capacities (`T_cap`, a multiple of G for channel keys; `R_cap`) of which only the first T_valid history

@@ -39,6 +39,16 @@ def dequantize_history(codes, scale, zero, bits: int, group_size: int, per_chann
     return q * s + z
 
 
+def valid_lengths(key_codes, residual_keys, lengths) -> tuple[int, int]:
+    """(T, R) tokens to read: the buffers' lengths, or `lengths` (read on the host) clamped to them."""
+    t_cap = key_codes.shape[2] if key_codes is not None else 0
+    r_cap = residual_keys.shape[2] if residual_keys is not None else 0
+    if lengths is None:
+        return t_cap, r_cap
+    lt, lr = (int(x) for x in lengths.tolist())
+    return min(max(lt, 0), t_cap), min(max(lr, 0), r_cap)
+
+
 def reference_decode_attention(
     query: torch.Tensor,
     key_codes: torch.Tensor | None,
@@ -65,12 +75,7 @@ def reference_decode_attention(
     [0, capacity]. Read on the host (a sync on CUDA): this is the reference, not the fast path.
     """
     b, hq, nq, d = query.shape
-    t_cap = key_codes.shape[2] if key_codes is not None else 0
-    r_cap = residual_keys.shape[2] if residual_keys is not None else 0
-    t_valid, r_valid = t_cap, r_cap
-    if lengths is not None:
-        lt, lr = (int(x) for x in lengths.tolist())
-        t_valid, r_valid = min(max(lt, 0), t_cap), min(max(lr, 0), r_cap)
+    t_valid, r_valid = valid_lengths(key_codes, residual_keys, lengths)
     keys, values = [], []
     if t_valid > 0:
         # per-channel keys: whole key groups (T_cap is a multiple of G), then the first T_valid tokens

@@ -36,7 +36,8 @@ class StaticQuantizedKVCache(FusedAttachmentMixin, CompressedCache):
             told its `max_length`). More raises a ValueError naming it (a device-side assert inside a compiled step).
         fused: None (default: on CUDA with triton and a layout the Triton kernel supports), True (always; on CPU the
             op's torch reference, compileable without CUDA graphs), False (never: the cache is then not compileable).
-        kernel_impl: "auto", "triton" or "torch", for the fused op.
+        kernel_impl: the fused op's implementation: "auto" (CUDA: "triton"; CPU: "sdpa"), "triton", "torch" (the fp32
+            reference), "sdpa" (the valid history dequantized in the model dtype, then SDPA).
     Paper: KIVI, https://arxiv.org/abs/2402.02750
     """
 
