@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -120,6 +121,28 @@ def test_step_path_through_interpreted_triton_kernel_compiled():
     assert result["triton"]["tokens"] == result["torch"]["tokens"]
     torch.testing.assert_close(torch.tensor(result["triton"]["logits"]), torch.tensor(result["torch"]["logits"]),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor's CPU backend needs a C++ compiler")
+def test_inductor_writes_the_history_in_place():
+    """The compiled step must not copy the preallocated history: inductor's code for a decode step (CPU backend) holds
+    no loop over a whole codes buffer. With the flush after the attention, inductor copied every history buffer every
+    step (O(max_cache_len) per token) to keep the attention's input intact."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny_llama(num_layers=1, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    config = _compile_config("inductor")
+    torch._dynamo.reset()
+    with StaticQuantizedKVCache(model, bits=4, group_size=64, residual_length=64, max_cache_len=4096,
+                                fused=True) as cache:
+        _, code = run_and_get_code(lambda: _generate(model, cache, ids, torch.ones_like(ids), new_tokens=3,
+                                                     compile_config=config))
+        codes_numel = cache.layers[0].store.key_codes.numel()  # 1 x 2 x 4160 x 32 bytes
+    code = "\n".join(code)
+    assert "index_copy" in code or "index_put" in code  # the step's writes are in this code
+    assert f"{codes_numel}L" not in code and f"{codes_numel})" not in code
 
 
 def test_hybrid_model_unfused_and_fused():

@@ -19,8 +19,11 @@ class StaticQuantizedKVLayer(CacheLayerMixin):
       transformers builds from `get_mask_sizes` = the real length; identical to `QuantizedKVLayer`.
     - step path (fused, q <= 16): `update` writes the new tokens in place and returns the residual buffers, the layer
       is left pending on the attention bridge, and `attend` runs `quantized_decode_attention` over the buffers with
-      the valid lengths read on the device, then the branch-free flush. `get_mask_sizes` reports `max_cache_len`, a
-      constant, so `generate`'s compiled step keeps one shape. Needs left padding (checked on the host path).
+      the valid lengths read on the device. The branch-free flush of the block the previous step made due runs first
+      in `update` (so the kernel is the last reader of every buffer in the step: compiled graphs then write them in
+      place; a flush after the kernel made inductor copy whole history buffers every step).
+      `get_mask_sizes` reports `max_cache_len`, a constant, so `generate`'s compiled step keeps one shape. Needs left
+      padding (checked on the host path).
     """
 
     is_sliding = False
@@ -60,6 +63,7 @@ class StaticQuantizedKVLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
         if self._steps(q):
+            self.store.flush_step()  # the previous step's due block first: see StaticQuantizedKV.flush_step
             self.store.append_step(key_states, value_states)
             attention_bridge.expect(self, self.store.keys)
             return self.store.keys, self.store.values
@@ -79,7 +83,6 @@ class StaticQuantizedKVLayer(CacheLayerMixin):
                                  "plain softmax attention (scaling, softcap) only. Pass fused=False.")
             out = fused_path.attend_static(self.store, query, fused_path.decode_start(attention_mask), kwargs,
                                            self.kernel_impl)
-            self.store.flush_step()
             return out, None
         self._bridge_seen = True
         ok, _ = attention_bridge.kv_start_from_mask(attention_mask, query.shape[-2], key.shape[-2])

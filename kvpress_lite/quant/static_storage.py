@@ -13,12 +13,16 @@ Two ways to write:
 - `append_host` (any number of tokens; reads `lengths` on the host): the prompt, and forwards that do not decode
   through the fused kernel. It returns the full-precision keys/values attention reads (exactly what `QuantizedKV`
   returns) and flushes like `QuantizedKV.flush`.
-- `append_step` + `flush_step` (at most `MAX_STEP` tokens, no host sync, no data-dependent Python): a decode step
-  under `torch.compile` / CUDA graphs. `flush_step` quantizes the oldest `group_size` residual tokens every step and
-  writes them at history slot T; only when the residual is full (R >= residual_length + group_size) are they kept (T
-  grows by G and the residual shifts left by G). Otherwise the block lands past the valid history and is overwritten
-  by the next real flush. Per step that costs quantizing one block and moving one residual buffer: a few KB per
-  layer and row, against the whole history the attention reads.
+- `flush_step` + `append_step` (at most `MAX_STEP` tokens, no host sync, no data-dependent Python): a decode step
+  under `torch.compile` / CUDA graphs. `flush_step` runs at the start of a step, before the new tokens: it quantizes
+  the oldest `group_size` residual tokens every step and writes them at history slot T; only when the residual is full
+  (R >= residual_length + group_size, left so by the previous step's attention) are they kept (T grows by G and the
+  residual shifts left by G). Otherwise the block lands past the valid history and is overwritten by the next real
+  flush. Flushing before rather than after the step's attention computes the same tensors as `QuantizedKV` (which
+  flushes right after attention), and leaves the attention as the last reader of every buffer, so inductor writes them
+  in place (with the flush after it, it copied the whole history every step to keep the attention's input intact).
+  Per step that costs quantizing one block and moving one residual buffer: a few KB per layer and row, against the
+  whole history the attention reads.
 """
 
 from __future__ import annotations
@@ -166,7 +170,7 @@ class StaticQuantizedKV:
         lengths[1:].add_(q)
 
     def flush_step(self) -> None:
-        """Branch-free flush after a decode step's attention (see the module docstring)."""
+        """Branch-free flush at the start of a decode step (see the module docstring)."""
         g, lengths = self.group_size, self.lengths
         t = lengths[0].long()
         due = lengths[1] >= self.residual_length + g  # 0-dim bool
