@@ -60,14 +60,18 @@ class CompressedCache(Cache):
         config = decoder_config(model_or_config)
         validate_attention_model(config, type(self).__name__)
         self.geometry = ModelGeometry.of(config)
-        layer_types, kwargs = layer_specs(config)
-        layers = [
+        self._layer_specs = layer_specs(config)
+        super().__init__(layers=self.build_layers())
+        self._last_layer = -1  # highest layer index updated in the current forward
+        self._attention_layers = [i for i, t in enumerate(self._layer_specs[0]) if t != "dummy"]
+
+    def build_layers(self) -> list:
+        """One cache layer per model layer: `full_attention_layer` or `uncompressed_layer` by its type."""
+        layer_types, kwargs = self._layer_specs
+        return [
             self.full_attention_layer(i) if kind == "full_attention" else self.uncompressed_layer(kind, kw, i)
             for i, (kind, kw) in enumerate(zip(layer_types, kwargs))
         ]
-        super().__init__(layers=layers)
-        self._last_layer = -1  # highest layer index updated in the current forward
-        self._attention_layers = [i for i, t in enumerate(layer_types) if t != "dummy"]
 
     def full_attention_layer(self, layer_idx: int):
         """The cache layer a family stores at full-attention layer `layer_idx`."""

@@ -189,10 +189,37 @@ def test_reset_keeps_buffers_and_beam_search_reorders_in_place():
     assert torch.equal(beams, beams_ref)
 
 
+def test_max_new_tokens_sizes_the_cache_at_its_first_prompt():
+    """max_new_tokens instead of max_cache_len: sized to the first prompt + max_new_tokens, the same tokens as a cache
+    given that length; after reset() a prompt that fits keeps the buffers, a longer one re-sizes."""
+    model = tiny_llama()
+    ids, mask = _prompt()
+    expected = _generate(model, StaticQuantizedKVCache(model, max_cache_len=40 + 30, **SMALL), ids, mask, 30)
+    cache = StaticQuantizedKVCache(model, max_new_tokens=30, **SMALL)
+    assert cache.max_cache_len is None
+    got = _generate(model, cache, ids, mask, 30)
+    assert cache.max_cache_len == 70 and cache.layers[0].store.max_cache_len == 70
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    pointer = cache.layers[0].store.key_codes.data_ptr()
+    cache.reset()
+    _generate(model, cache, ids[:, :30], mask[:, :30], 30)  # 30 + 30 fits in 70: same buffers
+    assert cache.max_cache_len == 70 and cache.layers[0].store.key_codes.data_ptr() == pointer
+    cache.reset()
+    longer = torch.cat([ids, ids], dim=1)
+    _generate(model, cache, longer, torch.cat([mask, torch.ones_like(mask)], dim=1), 30)
+    assert cache.max_cache_len == 110
+    with StaticQuantizedKVCache(model, max_new_tokens=30, fused=True, **SMALL) as fused:
+        assert torch.equal(_generate(model, fused, ids, mask, 30)[0], expected[0])
+
+
 def test_bad_input_raises():
     model = tiny_llama()
-    with pytest.raises(ValueError, match="max_cache_len is required"):
+    with pytest.raises(ValueError, match="give exactly one of max_cache_len .* and max_new_tokens"):
         StaticQuantizedKVCache(model, bits=4)
+    with pytest.raises(ValueError, match="give exactly one of max_cache_len"):
+        StaticQuantizedKVCache(model, bits=4, max_cache_len=64, max_new_tokens=8)
+    with pytest.raises(ValueError, match="max_new_tokens=0 must be an integer >= 1"):
+        StaticQuantizedKVCache(model, bits=4, max_new_tokens=0)
     with pytest.raises(ValueError, match="max_cache_len=0"):
         StaticQuantizedKVCache(model, bits=4, max_cache_len=0)
     with pytest.raises(ValueError, match=r"bits=3 is not supported; accepted values: \[2, 4, 8\]"):

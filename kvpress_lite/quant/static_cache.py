@@ -16,9 +16,9 @@ class StaticQuantizedKVCache(FusedAttachmentMixin, CompressedCache):
     """KIVI-quantized KV cache with fixed shapes: `is_compileable`, so `generate` compiles its decode step.
 
     Example (CUDA; `generate` compiles the decode step with CUDA graphs on its own):
-        cache = StaticQuantizedKVCache(model, bits=4, max_cache_len=prompt_len + max_new_tokens)
+        cache = StaticQuantizedKVCache(model, bits=4, max_new_tokens=256)   # or max_cache_len=prompt_len + 256
         with cache:
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, cache=cache)
+            out = model.generate(**inputs, max_new_tokens=256, cache=cache)
 
     Every full-attention layer preallocates its packed history and full-precision window for `max_cache_len`
     tokens and writes in place (`quant/static_storage.py`); sliding/chunked layers are `StaticSlidingWindowKVLayer`
@@ -32,24 +32,35 @@ class StaticQuantizedKVCache(FusedAttachmentMixin, CompressedCache):
         model_or_config: the model (its config: never fused, not compileable).
         bits: 8, 4 or 2. group_size: tokens per key group, channels per value group (divides head_dim).
         residual_length: recent tokens kept in full precision.
-        max_cache_len: tokens the cache can hold (prompt + new tokens); required (a cache passed to `generate` is not
-            told its `max_length`). More raises a ValueError naming it (a device-side assert inside a compiled step).
+        max_cache_len: tokens the cache can hold (prompt + new tokens). More raises a ValueError naming it (a
+            device-side assert inside a compiled step). Give it, or `max_new_tokens` (a cache passed to `generate` is
+            never told `generate`'s `max_length`).
+        max_new_tokens: instead of `max_cache_len`: the first prompt sizes the cache to its length + `max_new_tokens`;
+            after `reset()` a prompt that no longer fits re-sizes it (new buffers, so a new compiled graph). For many
+            prompts of different lengths, one `max_cache_len` keeps one graph.
         fused: None (default: on CUDA with triton and a layout the Triton kernel supports), True (always; on CPU the
-            op's torch reference, compileable without CUDA graphs), False (never: the cache is then not compileable).
+            op's "sdpa" path, compileable without CUDA graphs), False (never: the cache is then not compileable).
         kernel_impl: the fused op's implementation: "auto" (CUDA: "triton"; CPU: "sdpa"), "triton", "torch" (the fp32
             reference), "sdpa" (the valid history dequantized in the model dtype, then SDPA).
     Paper: KIVI, https://arxiv.org/abs/2402.02750
     """
 
     def __init__(self, model_or_config, bits: int = 4, max_cache_len: int | None = None, group_size: int = 64,
-                 residual_length: int = 128, fused: bool | None = None, kernel_impl: str = "auto"):
+                 residual_length: int = 128, fused: bool | None = None, kernel_impl: str = "auto",
+                 max_new_tokens: int | None = None):
         if bits is None:
             raise ValueError("bits=None is not supported by StaticQuantizedKVCache; accepted values: [2, 4, 8] "
                              "(transformers' StaticCache stores full precision)")
-        if max_cache_len is None:
-            raise ValueError("max_cache_len is required: the number of tokens to preallocate, prompt length + "
-                             "max_new_tokens (a cache passed to generate() is not told generate's max_length)")
-        _positive_int("max_cache_len", max_cache_len, 1)
+        if (max_cache_len is None) == (max_new_tokens is None):
+            raise ValueError("give exactly one of max_cache_len (tokens to preallocate: prompt length + new tokens) "
+                             "and max_new_tokens (the cache is then sized at its first prompt: that prompt's length + "
+                             f"max_new_tokens); got max_cache_len={max_cache_len!r}, max_new_tokens={max_new_tokens!r} "
+                             "(a cache passed to generate() is not told generate's max_length)")
+        if max_cache_len is not None:
+            _positive_int("max_cache_len", max_cache_len, 1)
+        else:
+            _positive_int("max_new_tokens", max_new_tokens, 1)
+        self.max_new_tokens, self._refit = max_new_tokens, False
         fused_path.check_options(fused, kernel_impl)
         is_model = hasattr(model_or_config, "set_attn_implementation")
         if fused and not is_model:
@@ -77,11 +88,36 @@ class StaticQuantizedKVCache(FusedAttachmentMixin, CompressedCache):
 
     def uncompressed_layer(self, layer_type: str, kwargs: dict, layer_idx: int):
         """Sliding/chunked layers: `StaticSlidingWindowKVLayer` (compileable, lengths on the device); dummy layers:
-        transformers' own."""
+        transformers' own. (Sized with `max_new_tokens` until the first prompt sets `max_cache_len`.)"""
+        length = self.max_cache_len or self.max_new_tokens
         if layer_type not in ("sliding_attention", "chunked_attention"):
-            return static_passthrough_layer(layer_type, kwargs, self.max_cache_len)
-        return StaticSlidingWindowKVLayer(self.max_cache_len, kwargs["sliding_window"], layer_idx,
+            return static_passthrough_layer(layer_type, kwargs, length)
+        return StaticSlidingWindowKVLayer(length, kwargs["sliding_window"], layer_idx,
                                           chunked=layer_type == "chunked_attention")
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """Size the cache at its first prompt when built with `max_new_tokens`, then update layer `layer_idx`."""
+        if self.max_new_tokens is not None and (self._max_cache_len is None or self._refit):
+            self._refit = False
+            needed = key_states.shape[-2] + self.max_new_tokens
+            if self._max_cache_len is None or needed > self._max_cache_len:
+                self._size_for(needed)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _size_for(self, max_cache_len: int) -> None:
+        """Build every layer for `max_cache_len` tokens (before any is allocated) and hand them the attachment."""
+        self._max_cache_len = max_cache_len
+        self.layers = self.build_layers()
+        for layer in self.layers:
+            if hasattr(layer, "attachment"):
+                layer.attachment = self.attachment
+
+    def reset(self) -> None:
+        """Drop every token, keeping the buffers (and compiled graphs). Built with `max_new_tokens`, the next prompt
+        re-sizes the cache only if it and `max_new_tokens` no longer fit."""
+        super().reset()
+        if self.max_new_tokens is not None:
+            self._refit = True
 
     @property
     def max_cache_len(self) -> int:
