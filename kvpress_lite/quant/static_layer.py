@@ -7,10 +7,11 @@ import torch
 from .. import _compat, attention_bridge
 from .._compat import CacheLayerMixin
 from ..kernels import fused as fused_path
-from .static_storage import MAX_STEP, StaticQuantizedKV
+from .static_step import StaticStepMixin
+from .static_storage import StaticQuantizedKV
 
 
-class StaticQuantizedKVLayer(CacheLayerMixin):
+class StaticQuantizedKVLayer(StaticStepMixin, CacheLayerMixin):
     """KIVI layer with preallocated storage (arXiv 2402.02750; layout in `static_storage`).
 
     Two paths, chosen from shapes and flags only (never from data, so a compiled decode step has no branch):
@@ -48,14 +49,6 @@ class StaticQuantizedKVLayer(CacheLayerMixin):
         self.store.allocate(key_states)
         self.device, self.dtype = key_states.device, key_states.dtype
         self.is_initialized = True
-
-    @property
-    def fused(self) -> bool:
-        return self.attachment is not None and self.attachment.active
-
-    def _steps(self, q: int) -> bool:
-        """True if a forward of `q` tokens takes the step path."""
-        return self.fused and q <= MAX_STEP and self._bridge_seen
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append `[B, H, q, D]` states; return what the attention reads (see the class docstring)."""
@@ -123,17 +116,3 @@ class StaticQuantizedKVLayer(CacheLayerMixin):
         """Reorder the batch in place for beam search."""
         if self.is_initialized:
             self.store.reorder(beam_idx)
-
-    def _fixed_batch(self, *args, **kwargs) -> None:
-        raise ValueError("StaticQuantizedKVCache has a fixed batch size (its buffers are preallocated); decoding "
-                         "strategies that change the batch (contrastive search, batch selection) are not supported")
-
-    batch_repeat_interleave = batch_select_indices = _fixed_batch
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError("StaticQuantizedKVCache cannot be cropped (assisted generation); use QuantizedKVCache")
-
-    def offload(self) -> None:
-        raise ValueError("StaticQuantizedKVCache cannot be offloaded; use QuantizedKVCache")
-
-    prefetch = offload

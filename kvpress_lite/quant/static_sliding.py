@@ -25,7 +25,8 @@ import torch
 
 from .. import _compat, attention_bridge
 from .._compat import CacheLayerMixin
-from .static_storage import MAX_STEP
+from .static_step import StaticStepMixin
+from .static_storage import check_fits
 
 _memo = threading.local()  # .last: (key, start or None) of the last checked host-path mask (shared by every layer)
 
@@ -46,7 +47,7 @@ def allowed_keys(pos: torch.Tensor, qpos: torch.Tensor, start: torch.Tensor, win
     return allowed & (p > qp - window)
 
 
-class StaticSlidingWindowKVLayer(CacheLayerMixin):
+class StaticSlidingWindowKVLayer(StaticStepMixin, CacheLayerMixin):
     """Sliding-window (or chunked) layer with fixed shapes and device lengths; see the module docstring.
 
     Args:
@@ -82,14 +83,6 @@ class StaticSlidingWindowKVLayer(CacheLayerMixin):
         self.device, self.dtype = dev, dt
         self.is_initialized = True
 
-    @property
-    def fused(self) -> bool:
-        return self.attachment is not None and self.attachment.active
-
-    def _steps(self, q: int) -> bool:
-        """True if a forward of `q` tokens takes the step path."""
-        return self.fused and q <= MAX_STEP and self._bridge_seen
-
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append `[B, H, q, D]` states; return the keys/values the attention reads (see the module docstring)."""
         if not self.is_initialized:
@@ -97,7 +90,7 @@ class StaticSlidingWindowKVLayer(CacheLayerMixin):
         if self._steps(key_states.shape[-2]):
             return self._update_step(key_states, value_states)
         if not _compat.is_compiling():
-            self._check_input(key_states)
+            check_fits(self.keys, key_states)
         out = self._update_host(key_states, value_states)
         if self.fused:
             attention_bridge.expect(self, out[0])
@@ -240,15 +233,6 @@ class StaticSlidingWindowKVLayer(CacheLayerMixin):
     def get_max_cache_shape(self) -> int:
         return self.max_cache_len
 
-    def _check_input(self, keys: torch.Tensor) -> None:
-        b = self.keys.shape[0]
-        if keys.shape[0] != b or keys.dtype != self.keys.dtype or keys.device != self.keys.device:
-            raise ValueError(
-                f"the static cache was allocated for batch {b} in {self.keys.dtype} on {self.keys.device}, got keys "
-                f"of batch {keys.shape[0]} in {keys.dtype} on {keys.device}; build a new cache (or call reset() and "
-                "keep the batch size)"
-            )
-
     def reset(self) -> None:
         """Forget every token; buffers (and their addresses, so compiled graphs) are kept. The next forward takes the
         host path (it records the new prompt's left padding)."""
@@ -262,17 +246,3 @@ class StaticSlidingWindowKVLayer(CacheLayerMixin):
         if self.is_initialized:
             for tensor in (self.keys, self.values, self.kv_start):
                 tensor.copy_(tensor.index_select(0, beam_idx.to(tensor.device)))
-
-    def _fixed_batch(self, *args, **kwargs) -> None:
-        raise ValueError("StaticQuantizedKVCache has a fixed batch size (its buffers are preallocated); decoding "
-                         "strategies that change the batch (contrastive search, batch selection) are not supported")
-
-    batch_repeat_interleave = batch_select_indices = _fixed_batch
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError("StaticQuantizedKVCache cannot be cropped (assisted generation); use QuantizedKVCache")
-
-    def offload(self) -> None:
-        raise ValueError("StaticQuantizedKVCache cannot be offloaded; use QuantizedKVCache")
-
-    prefetch = offload

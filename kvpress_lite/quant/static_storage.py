@@ -35,6 +35,18 @@ from ..kivi import dequantize_keys, dequantize_values, quantize_keys, quantize_v
 MAX_STEP = 16  # tokens a compiled decode step may append (the fused kernel's query limit)
 
 
+def check_fits(buffer: torch.Tensor, keys: torch.Tensor) -> None:
+    """ValueError if new `keys` `[B, H, q, D]` cannot be written into a preallocated `buffer` `[B, H, *, D]` (another
+    batch size, dtype or device)."""
+    b = buffer.shape[0]
+    if keys.shape[0] != b or keys.dtype != buffer.dtype or keys.device != buffer.device:
+        raise ValueError(
+            f"the static cache was allocated for batch {b} in {buffer.dtype} on {buffer.device}, got keys of batch "
+            f"{keys.shape[0]} in {keys.dtype} on {keys.device}; build a new cache (or call reset() and keep the batch "
+            "size)"
+        )
+
+
 class StaticQuantizedKV:
     """Preallocated KIVI storage of one layer; see the module docstring.
 
@@ -80,13 +92,7 @@ class StaticQuantizedKV:
 
     def check_input(self, keys: torch.Tensor) -> None:
         """ValueError if `keys` `[B, H, q, D]` do not fit the allocated buffers (another batch size, dtype, device)."""
-        b, h, _, d = self.keys.shape
-        if keys.shape[0] != b or keys.dtype != self.keys.dtype or keys.device != self.keys.device:
-            raise ValueError(
-                f"the static cache was allocated for batch {b} in {self.keys.dtype} on {self.keys.device}, got keys "
-                f"of batch {keys.shape[0]} in {keys.dtype} on {keys.device}; build a new cache (or call reset() and "
-                "keep the batch size)"
-            )
+        check_fits(self.keys, keys)
 
     @property
     def quantized_length(self) -> int:
