@@ -5,6 +5,7 @@ from __future__ import annotations
 import weakref
 
 from .. import attention_bridge
+from ..kernels import fused as fused_path
 
 
 class FusedAttachmentMixin:
@@ -15,6 +16,15 @@ class FusedAttachmentMixin:
     collection of the cache is only a backstop)."""
 
     attachment = None
+
+    def _check_fused_options(self, model_or_config, fused, kernel_impl: str) -> bool:
+        """ValueError for a bad `fused` / `kernel_impl`, or `fused=True` without a model; True if given a model."""
+        fused_path.check_options(fused, kernel_impl)
+        is_model = hasattr(model_or_config, "set_attn_implementation")
+        if fused and not is_model:
+            raise ValueError(f"fused=True needs the model: {type(self).__name__}(model, ...) (a config has no "
+                             "attention to attach the fused kernel to)")
+        return is_model
 
     def _attach(self, model, owner: str, required: bool) -> None:
         try:

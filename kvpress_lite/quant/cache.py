@@ -38,11 +38,7 @@ class QuantizedKVCache(FusedAttachmentMixin, CompressedCache):
         if bits is None:
             raise ValueError("bits=None is not supported by QuantizedKVCache; accepted values: [2, 4, 8] "
                              "(use the `dynamic` strategy for full precision)")
-        fused_path.check_options(fused, kernel_impl)
-        is_model = hasattr(model_or_config, "set_attn_implementation")
-        if fused and not is_model:
-            raise ValueError("fused=True needs the model: QuantizedKVCache(model, ...) (a config has no attention to "
-                             "attach the fused kernel to)")
+        is_model = self._check_fused_options(model_or_config, fused, kernel_impl)
         self.spec = StorageSpec(bits, group_size, residual_length, key_mode="channel")
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
         self.kernel_impl = kernel_impl

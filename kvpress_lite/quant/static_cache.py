@@ -61,11 +61,7 @@ class StaticQuantizedKVCache(FusedAttachmentMixin, CompressedCache):
         else:
             _positive_int("max_new_tokens", max_new_tokens, 1)
         self.max_new_tokens, self._refit = max_new_tokens, False
-        fused_path.check_options(fused, kernel_impl)
-        is_model = hasattr(model_or_config, "set_attn_implementation")
-        if fused and not is_model:
-            raise ValueError("fused=True needs the model: StaticQuantizedKVCache(model, ...) (a config has no "
-                             "attention to attach the fused kernel to)")
+        is_model = self._check_fused_options(model_or_config, fused, kernel_impl)
         self.spec = StorageSpec(bits, group_size, residual_length, key_mode="channel")
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
         self._max_cache_len, self.kernel_impl = max_cache_len, kernel_impl
