@@ -77,6 +77,29 @@ def _online_softmax(s, v, pos, n_ok, qpos, start, m_i, l_i, acc, scaling, softca
     return m_new, l_i, acc
 
 
+@triton.jit
+def _valid_lengths(LENS, T_CAP, R_CAP, DYN_LEN: tl.constexpr):
+    """(T, R): history and residual tokens to read: the capacities, or (DYN_LEN) the valid lengths `LENS[0:2]` loaded
+    from the device, clamped to [0, capacity]."""
+    if DYN_LEN:
+        T = tl.minimum(tl.maximum(tl.load(LENS).to(tl.int32), 0), T_CAP)
+        R = tl.minimum(tl.maximum(tl.load(LENS + 1).to(tl.int32), 0), R_CAP)
+    else:
+        T = T_CAP
+        R = R_CAP
+    return T, R
+
+
+@triton.jit
+def _history_range(pid_s, T, span, S_HIST, BLOCK_N: tl.constexpr, DYN_LEN: tl.constexpr):
+    """[lo, hi) of history split `pid_s`: a fixed `span`, or (DYN_LEN) the S_HIST splits (a count from the capacity)
+    sharing the valid tiles; idle splits get an empty range and write the neutral partial."""
+    if DYN_LEN:
+        span = tl.cdiv(tl.cdiv(T, BLOCK_N), S_HIST) * BLOCK_N
+    lo = pid_s * span
+    return lo, tl.minimum(T, lo + span)
+
+
 @triton.jit(do_not_specialize=["T_CAP", "R_CAP", "TILES_PER_SPLIT", "S_HIST", "S_TOTAL"])  # no recompiles as T, R grow
 def _decode_split_kernel(
     Q, KC, KS, KZ, VC, VS, VZ, RK, RV, KV_START, LENS, PM, PL, PO,
@@ -103,12 +126,7 @@ def _decode_split_kernel(
     qi = offs_m % NQ
     q = tl.load(Q + ((head * NQ + qi) * D)[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     q = q.to(tl.float32)
-    if DYN_LEN:  # valid lengths from the device (capacity buffers), clamped to [0, capacity]
-        T = tl.minimum(tl.maximum(tl.load(LENS).to(tl.int32), 0), T_CAP)
-        R = tl.minimum(tl.maximum(tl.load(LENS + 1).to(tl.int32), 0), R_CAP)
-    else:
-        T = T_CAP
-        R = R_CAP
+    T, R = _valid_lengths(LENS, T_CAP, R_CAP, DYN_LEN)
     qpos = T + R - NQ + qi
     if HAS_START:
         start = tl.load(KV_START + b).to(tl.int32)
@@ -119,12 +137,7 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     span = TILES_PER_SPLIT * BLOCK_N
     if pid_s < S_HIST:
-        if DYN_LEN:  # the S_HIST splits (a count from the capacity) share the valid tiles; idle ones stay neutral
-            span_h = tl.cdiv(tl.cdiv(T, BLOCK_N), S_HIST) * BLOCK_N
-        else:
-            span_h = span
-        lo = pid_s * span_h
-        hi = tl.minimum(T, lo + span_h)
+        lo, hi = _history_range(pid_s, T, span, S_HIST, BLOCK_N, DYN_LEN)
         lo = tl.maximum(lo, (start // BLOCK_N) * BLOCK_N)  # skip whole tiles of left padding
         bh_t = pid_bh.to(tl.int64) * T_CAP  # row strides from the capacity
         if KEY_PER_CHANNEL:
@@ -269,12 +282,7 @@ def _decode_split_kernel_v2(
     if PB == 4:
         q2 = tl.load(q_row + 2, mask=row_ok[:, None], other=0.0).to(tl.float32)
         q3 = tl.load(q_row + 3, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    if DYN_LEN:  # valid lengths from the device (capacity buffers), clamped to [0, capacity]
-        T = tl.minimum(tl.maximum(tl.load(LENS).to(tl.int32), 0), T_CAP)
-        R = tl.minimum(tl.maximum(tl.load(LENS + 1).to(tl.int32), 0), R_CAP)
-    else:
-        T = T_CAP
-        R = R_CAP
+    T, R = _valid_lengths(LENS, T_CAP, R_CAP, DYN_LEN)
     qpos = T + R - NQ + qi
     if HAS_START:
         start = tl.load(KV_START + b).to(tl.int32)
@@ -288,12 +296,7 @@ def _decode_split_kernel_v2(
     acc3 = tl.zeros([BLOCK_M, DB], tl.float32)
     span = TILES_PER_SPLIT * BLOCK_N
     if pid_s < S_HIST:
-        if DYN_LEN:  # the S_HIST splits (a count from the capacity) share the valid tiles; idle ones stay neutral
-            span_h = tl.cdiv(tl.cdiv(T, BLOCK_N), S_HIST) * BLOCK_N
-        else:
-            span_h = span
-        lo = pid_s * span_h
-        hi = tl.minimum(T, lo + span_h)
+        lo, hi = _history_range(pid_s, T, span, S_HIST, BLOCK_N, DYN_LEN)
         lo = tl.maximum(lo, (start // BLOCK_N) * BLOCK_N)
         bh_t = pid_bh.to(tl.int64) * T_CAP  # row strides from the capacity
         for t0 in range(lo, hi, BLOCK_N):
@@ -536,12 +539,7 @@ def _decode_split_kernel_v3(
     q1 = q0
     if PB == 2:
         q1 = tl.load(q_row + 1, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    if DYN_LEN:  # valid lengths from the device (capacity buffers), clamped to [0, capacity]
-        T = tl.minimum(tl.maximum(tl.load(LENS).to(tl.int32), 0), T_CAP)
-        R = tl.minimum(tl.maximum(tl.load(LENS + 1).to(tl.int32), 0), R_CAP)
-    else:
-        T = T_CAP
-        R = R_CAP
+    T, R = _valid_lengths(LENS, T_CAP, R_CAP, DYN_LEN)
     qpos = T + R - NQ + qi
     if HAS_START:
         start = tl.load(KV_START + b).to(tl.int32)
@@ -556,12 +554,7 @@ def _decode_split_kernel_v3(
     zacc = tl.zeros([BLOCK_M, 16], tl.float32)  # column g: sum_n p * value_zero[n, g]
     span = TILES_PER_SPLIT * BLOCK_N
     if pid_s < S_HIST:
-        if DYN_LEN:  # the S_HIST splits (a count from the capacity) share the valid tiles; idle ones stay neutral
-            span_h = tl.cdiv(tl.cdiv(T, BLOCK_N), S_HIST) * BLOCK_N
-        else:
-            span_h = span
-        lo = pid_s * span_h
-        hi = tl.minimum(T, lo + span_h)
+        lo, hi = _history_range(pid_s, T, span, S_HIST, BLOCK_N, DYN_LEN)
         lo = tl.maximum(lo, (start // BLOCK_N) * BLOCK_N)
         bh_t = pid_bh.to(tl.int64) * T_CAP  # row strides from the capacity
         for t0 in range(lo, hi, BLOCK_N):
