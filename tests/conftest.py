@@ -56,3 +56,22 @@ def tiny_gemma3(attn_implementation: str = "sdpa", dtype=torch.float32, seed: in
         head_dim=16, sliding_window=8, attn_implementation=attn_implementation, **{**defaults, **config},
     )
     return Gemma3ForCausalLM(config).to(dtype).eval()
+
+
+def left_padded_prompt(batch: int = 2, length: int = 40, pad: int = 5, seed: int = 1):
+    """Random token ids `[batch, length]` (vocabulary 128) and their attention mask, rows after the first left-padded
+    by `pad` tokens."""
+    torch.manual_seed(seed)
+    ids = torch.randint(0, 128, (batch, length))
+    mask = torch.ones_like(ids)
+    mask[1:, :pad] = 0
+    return ids, mask
+
+
+def greedy_with_logits(model, cache, ids, mask, new_tokens: int, **kwargs):
+    """Greedy `generate` of `new_tokens` through `cache`: (sequences, logits `[new_tokens, batch, vocab]`)."""
+    from kvpress_lite._compat import cache_kwarg
+
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, **{cache_kwarg(model): cache}, **kwargs)
+    return out.sequences, torch.stack(out.logits)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_gemma3, tiny_llama
+from conftest import greedy_with_logits, left_padded_prompt, tiny_gemma3, tiny_llama
 from transformers import CompileConfig
 
 from kvpress_lite import QuantizedKVCache, StaticQuantizedKVCache, build_cache, cache_nbytes
@@ -20,18 +20,8 @@ from kvpress_lite._compat import cache_kwarg
 SMALL = dict(bits=4, group_size=16, residual_length=16)  # tiny models: head_dim 16
 
 
-def _prompt(batch=2, length=40, pad=5, seed=1):
-    torch.manual_seed(seed)
-    ids = torch.randint(0, 128, (batch, length))
-    mask = torch.ones_like(ids)
-    mask[1:, :pad] = 0  # left padding on the second row
-    return ids, mask
-
-
 def _generate(model, cache, ids, mask, new_tokens=60, **kwargs):
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True, **{cache_kwarg(model): cache}, **kwargs)
-    return out.sequences, torch.stack(out.logits)
+    return greedy_with_logits(model, cache, ids, mask, new_tokens, **kwargs)
 
 
 def _compile_config(backend="aot_eager"):
@@ -45,7 +35,7 @@ def test_unfused_matches_quantized_cache_exactly(bits):
     """CPU, uncompiled: the static cache returns the same tensors as QuantizedKVCache (bit-identical logits), across
     several flushes (60 new tokens with G = 16)."""
     model = tiny_llama()
-    ids, mask = _prompt()
+    ids, mask = left_padded_prompt()
     kw = dict(SMALL, bits=bits)
     seq_ref, logits_ref = _generate(model, QuantizedKVCache(model, **kw), ids, mask)
     cache = StaticQuantizedKVCache(model, max_cache_len=100, **kw)
@@ -60,7 +50,7 @@ def test_unfused_matches_quantized_cache_exactly(bits):
 def test_fused_step_path_matches_unfused():
     """fused=True on CPU: decode steps write in place and run the op's reference over the valid lengths."""
     model = tiny_llama()
-    ids, mask = _prompt()
+    ids, mask = left_padded_prompt()
     seq_ref, logits_ref = _generate(model, StaticQuantizedKVCache(model, max_cache_len=100, **SMALL), ids, mask)
     with StaticQuantizedKVCache(model, max_cache_len=100, fused=True, **SMALL) as cache:
         assert cache.fused and cache.is_compileable
@@ -74,7 +64,7 @@ def test_compiled_decode_is_one_graph_and_matches_uncompiled():
     """generate's automatic compile (forced on CPU, aot_eager, fullgraph): one graph for every decode step (a recompile
     raises), greedy outputs identical to the uncompiled fused path in fp32."""
     model = tiny_llama()
-    ids, mask = _prompt()
+    ids, mask = left_padded_prompt()
     with StaticQuantizedKVCache(model, max_cache_len=100, fused=True, **SMALL) as cache:
         seq_ref, logits_ref = _generate(model, cache, ids, mask)
     torch._dynamo.reset()
@@ -95,7 +85,7 @@ def _interpreted_triton_run() -> dict:
     CPU tensors), uncompiled and compiled by generate (one graph), against the op's torch reference."""
     torch.set_num_threads(1)
     model = tiny_llama()
-    ids, mask = _prompt()
+    ids, mask = left_padded_prompt()
     result = {}
     for name, impl, compiled in (("torch", "torch", False), ("triton", "triton", True)):
         torch._dynamo.reset()
@@ -148,7 +138,7 @@ def test_inductor_writes_the_history_in_place():
 def test_hybrid_model_unfused_and_fused():
     """Gemma 3 (sliding + full layers): sliding layers are transformers' static ones; both paths decode the same."""
     model = tiny_gemma3()
-    ids, mask = _prompt()
+    ids, mask = left_padded_prompt()
     seq_ref, logits_ref = _generate(model, QuantizedKVCache(model, **SMALL), ids, mask, new_tokens=30)
     seq, logits = _generate(model, StaticQuantizedKVCache(model, max_cache_len=80, **SMALL), ids, mask, new_tokens=30)
     assert torch.equal(seq, seq_ref) and torch.equal(logits, logits_ref)
@@ -161,7 +151,7 @@ def test_hybrid_model_unfused_and_fused():
 @pytest.mark.parametrize("fused", [False, True])
 def test_max_cache_len_overflow_raises_naming_it(fused):
     model = tiny_llama()
-    ids, mask = _prompt()
+    ids, mask = left_padded_prompt()
     cache = StaticQuantizedKVCache(model, max_cache_len=60, fused=fused, **SMALL)
     error = ValueError if not fused else RuntimeError  # the step path fails a device assertion (no host sync)
     with cache, pytest.raises(error, match="max_cache_len=60 exceeded"):
@@ -174,7 +164,7 @@ def test_max_cache_len_overflow_raises_naming_it(fused):
 
 def test_reset_keeps_buffers_and_beam_search_reorders_in_place():
     model = tiny_llama()
-    ids, mask = _prompt()
+    ids, mask = left_padded_prompt()
     cache = StaticQuantizedKVCache(model, max_cache_len=100, **SMALL)
     first = _generate(model, cache, ids, mask, new_tokens=20)[0]
     store = cache.layers[0].store
@@ -189,11 +179,11 @@ def test_reset_keeps_buffers_and_beam_search_reorders_in_place():
     assert torch.equal(beams, beams_ref)
 
 
-def test_max_new_tokens_sizes_the_cache_at_its_first_prompt():
+def test_max_new_tokens_sizes_the_cache_at_its_firstleft_padded_prompt():
     """max_new_tokens instead of max_cache_len: sized to the first prompt + max_new_tokens, the same tokens as a cache
     given that length; after reset() a prompt that fits keeps the buffers, a longer one re-sizes."""
     model = tiny_llama()
-    ids, mask = _prompt()
+    ids, mask = left_padded_prompt()
     expected = _generate(model, StaticQuantizedKVCache(model, max_cache_len=40 + 30, **SMALL), ids, mask, 30)
     cache = StaticQuantizedKVCache(model, max_new_tokens=30, **SMALL)
     assert cache.max_cache_len is None
@@ -228,7 +218,7 @@ def test_bad_input_raises():
         StaticQuantizedKVCache(model, bits=4, max_cache_len=64)
     with pytest.raises(ValueError, match="fused=True needs the model"):
         StaticQuantizedKVCache(model.config, max_cache_len=64, fused=True, **SMALL)
-    ids, mask = _prompt()
+    ids, mask = left_padded_prompt()
     cache = StaticQuantizedKVCache(model, max_cache_len=100, **SMALL)
     _generate(model, cache, ids, mask, new_tokens=2)
     cache.reset()
@@ -261,13 +251,21 @@ def test_registry_and_preallocated_bytes():
     assert 0.28 < ratio <= 0.3, ratio
 
 
+def _gpu_llama():
+    return tiny_llama(dtype=torch.float32, hidden_size=512, num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+
+
+def _gpu_gemma3():  # sliding layers (StaticSlidingWindowKVLayer) and quantized full layers in one compiled step
+    return tiny_gemma3(dtype=torch.float32, head_dim=64, hidden_size=256, sliding_window=64)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernel under CUDA graphs)")
-@pytest.mark.parametrize("bits", [4, 8])
-def test_cuda_compiled_reduce_overhead_matches_eager(bits):
+@pytest.mark.parametrize("make_model,bits", [(_gpu_llama, 4), (_gpu_llama, 8), (_gpu_gemma3, 4)],
+                         ids=["llama-int4", "llama-int8", "gemma3-int4"])
+def test_cuda_compiled_reduce_overhead_matches_eager(make_model, bits):
     """On the GPU, fp32: generate's own compile (inductor, CUDA graphs) gives the uncompiled Triton path's tokens."""
-    model = tiny_llama(dtype=torch.float32, hidden_size=512, num_attention_heads=8, num_key_value_heads=2,
-                       head_dim=64).cuda()
-    ids, mask = _prompt(length=200, pad=17)
+    model = make_model().cuda()
+    ids, mask = left_padded_prompt(length=200, pad=17)
     ids, mask = ids.cuda(), mask.cuda()
     kw = dict(bits=bits, group_size=64, residual_length=64)
     with StaticQuantizedKVCache(model, max_cache_len=370, **kw) as cache:
@@ -294,21 +292,6 @@ def test_smollm2_static_equals_quantized_cache(smollm2):
     with StaticQuantizedKVCache(model, bits=4, max_cache_len=370, fused=True) as fused:
         seq_fused, _ = _generate(model, fused, ids, mask, new_tokens=70)
     assert torch.equal(seq_fused, seq_ref)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernel under CUDA graphs)")
-def test_cuda_compiled_hybrid_model_matches_eager():
-    """Gemma 3 on the GPU, fp32: sliding layers (StaticSlidingWindowKVLayer) and quantized full layers compiled."""
-    model = tiny_gemma3(dtype=torch.float32, head_dim=64, hidden_size=256, sliding_window=64).cuda()
-    ids, mask = _prompt(length=200, pad=17)
-    ids, mask = ids.cuda(), mask.cuda()
-    kw = dict(bits=4, group_size=64, residual_length=64)
-    with StaticQuantizedKVCache(model, max_cache_len=400, **kw) as cache:
-        assert cache.fused
-        seq_ref, _ = _generate(model, cache, ids, mask, new_tokens=150, disable_compile=True)
-    with StaticQuantizedKVCache(model, max_cache_len=400, **kw) as cache:
-        seq, _ = _generate(model, cache, ids, mask, new_tokens=150)
-    assert torch.equal(seq, seq_ref)
 
 
 if __name__ == "__main__" and "--interpret" in sys.argv:

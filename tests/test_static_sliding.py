@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_gemma3
+from conftest import greedy_with_logits, left_padded_prompt, tiny_gemma3
 from transformers import CompileConfig
 
 from kvpress_lite import QuantizedKVCache, StaticQuantizedKVCache
@@ -17,18 +17,8 @@ from kvpress_lite.quant.static_sliding import StaticSlidingWindowKVLayer
 SMALL = dict(bits=4, group_size=16, residual_length=16)  # tiny models: head_dim 16; tiny Gemma 3's window is 8
 
 
-def _prompt(batch=2, length=40, pad=5, seed=1):
-    torch.manual_seed(seed)
-    ids = torch.randint(0, 128, (batch, length))
-    mask = torch.ones_like(ids)
-    mask[1:, :pad] = 0  # left padding on the second row
-    return ids, mask
-
-
 def _generate(model, cache, ids, mask, new_tokens=32, **kwargs):
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True, **{cache_kwarg(model): cache}, **kwargs)
-    return out.sequences, torch.stack(out.logits)
+    return greedy_with_logits(model, cache, ids, mask, new_tokens, **kwargs)
 
 
 def _with_transformers_sliding(cache):
@@ -43,7 +33,7 @@ def _with_transformers_sliding(cache):
 @pytest.mark.parametrize("length,pad", [(40, 5), (5, 2)])  # prompt longer than the window (8); shorter, growing past
 def test_unfused_equals_transformers_layer_and_quantized_cache(length, pad):
     model = tiny_gemma3()
-    ids, mask = _prompt(length=length, pad=pad)
+    ids, mask = left_padded_prompt(length=length, pad=pad)
     cache = StaticQuantizedKVCache(model, max_cache_len=80, **SMALL)
     assert [type(layer).__name__ for layer in cache.layers] == ["StaticSlidingWindowKVLayer"] * 3 + \
         ["StaticQuantizedKVLayer"]
@@ -66,7 +56,7 @@ def test_unfused_equals_transformers_layer_and_quantized_cache(length, pad):
 def test_fused_step_path_same_tokens(length, pad):
     """fused=True on CPU: the sliding layers' decode steps run the step path (own mask over cat(window, new))."""
     model = tiny_gemma3()
-    ids, mask = _prompt(length=length, pad=pad)
+    ids, mask = left_padded_prompt(length=length, pad=pad)
     seq_ref, logits_ref = _generate(model, StaticQuantizedKVCache(model, max_cache_len=80, **SMALL), ids, mask)
     with StaticQuantizedKVCache(model, max_cache_len=80, fused=True, **SMALL) as cache:
         seq, logits = _generate(model, cache, ids, mask)
@@ -80,7 +70,7 @@ def test_compiled_hybrid_decode_is_one_graph():
     """generate's automatic compile (forced on CPU, aot_eager, fullgraph) of tiny Gemma 3: one graph for every decode
     step (a recompile raises) and the uncompiled fused path's greedy tokens."""
     model = tiny_gemma3()
-    ids, mask = _prompt()
+    ids, mask = left_padded_prompt()
     with StaticQuantizedKVCache(model, max_cache_len=80, fused=True, **SMALL) as cache:
         seq_ref, logits_ref = _generate(model, cache, ids, mask)
     config = CompileConfig(backend="aot_eager", fullgraph=True, mode=None, dynamic=False)
@@ -149,7 +139,7 @@ def test_step_writes_match_host_path_and_attention_is_exact(chunked):
 
 def test_reset_keeps_buffers_beams_and_bad_input():
     model = tiny_gemma3()
-    ids, mask = _prompt()
+    ids, mask = left_padded_prompt()
     cache = StaticQuantizedKVCache(model, max_cache_len=80, **SMALL)
     first = _generate(model, cache, ids, mask, new_tokens=10)[0]
     layer = cache.layers[0]
