@@ -26,8 +26,9 @@ import weakref
 import torch
 
 from . import _compat
+from .kernels.masks import kv_start_from_mask  # noqa: F401  (re-exported: the bridge's users check masks with it)
 
-_local = threading.local()  # .layer: the pending layer; .memo: (mask, kv_start result) of the current forward
+_local = threading.local()  # .layer / .key: the pending layer and the keys it returned
 _attached: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> [count, original implementation]
 
 
@@ -121,35 +122,53 @@ def is_attached(model) -> bool:
     return model in _attached
 
 
-# ---------------------------------------------------------------------------------------------- masks
+# ---------------------------------------------------------------------------------------------- layers
 
 
-def kv_start_from_mask(attention_mask: torch.Tensor | None, q: int, n_keys: int):
-    """Per-row first valid key for a decode kernel, if the mask is exactly what the kernel computes.
+class BridgedLayerMixin:
+    """The pending handshake, written once for every cache layer that attends through the bridge.
 
-    The kernel attends query `i` of `q` to keys `kv_start[b] <= j <= n_keys - q + i` (left padding, causal among the
-    last `q`). Returns `(True, None)` for no mask (no padding), `(True, kv_start int32 [B])` when the 4D mask
-    (bool or additive, `[B or 1, 1, q, n_keys]`) is exactly that, else `(False, None)` (e.g. right padding, a
-    custom mask): the caller then runs the base attention. Memoized per mask object, so the check (one host sync)
-    runs once per forward, not once per layer.
+    In `update` a layer calls `expect_attention(keys)` (it is then pending); the bridge's wrapper calls `attend`,
+    which clears the pending flag, runs the family's `bridged_attention(base, module, query, key, value,
+    attention_mask, **kwargs) -> (output, weights)` and then records that the bridge reached this layer
+    (`bridge_seen`: layers fuse, or take a compiled step, only after a forward of theirs came through the bridge, so a
+    model that bypasses it never gets a residual alone). `missed_attention()` (next `update`) says whether the
+    previous forward's attention bypassed the bridge; `reset_bridge()` forgets both (call it from `reset`).
     """
-    if attention_mask is None:
-        return True, None
-    memo = getattr(_local, "memo", None)
-    if memo is not None and memo[0] is attention_mask and memo[1] == (q, n_keys):
-        return memo[2]
-    result = (False, None)
-    if attention_mask.dim() == 4 and attention_mask.shape[1] == 1 and tuple(attention_mask.shape[2:]) == (q, n_keys):
-        m = attention_mask[:, 0]
-        allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2  # additive: 0 where attended
-        start = allowed[:, -1].to(torch.int32).argmax(-1)  # first attended key of the last query (all pads: 0)
-        pos = torch.arange(n_keys, device=m.device)
-        qpos = n_keys - q + torch.arange(q, device=m.device)
-        expected = (pos[None, None, :] >= start[:, None, None]) & (pos[None, None, :] <= qpos[None, :, None])
-        if torch.equal(allowed.expand_as(expected), expected):
-            result = (True, start.to(torch.int32))
-    _local.memo = (attention_mask, (q, n_keys), result)
-    return result
+
+    _pending = False
+    _bridge_seen = False
+
+    @property
+    def bridge_seen(self) -> bool:
+        return self._bridge_seen
+
+    def expect_attention(self, key: torch.Tensor) -> None:
+        """Leave this layer pending for the attention over `key` (the tensor `update` returns as keys)."""
+        self._pending = True
+        expect(self, key)
+
+    def attend(self, base, module, query, key, value, attention_mask, **kwargs):
+        """Called by the bridge: `bridged_attention`, then `bridge_seen` (only if it returned: a refused mask is
+        checked again next time)."""
+        self._pending = False
+        result = self.bridged_attention(base, module, query, key, value, attention_mask, **kwargs)
+        self._bridge_seen = True
+        return result
+
+    def bridged_attention(self, base, module, query, key, value, attention_mask, **kwargs):
+        """The family's attention (default: the model's own)."""
+        return base(module, query, key, value, attention_mask, **kwargs)
+
+    def missed_attention(self) -> bool:
+        """True (once) if the last `expect_attention` was never answered; then `bridge_seen` starts over."""
+        missed = self._pending
+        if missed:
+            self._pending = self._bridge_seen = False
+        return missed
+
+    def reset_bridge(self) -> None:
+        self._pending = self._bridge_seen = False
 
 
-__all__ = ["Attachment", "attach", "expect", "is_attached", "kv_start_from_mask", "take"]
+__all__ = ["Attachment", "BridgedLayerMixin", "attach", "expect", "is_attached", "kv_start_from_mask", "take"]

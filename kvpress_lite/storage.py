@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels.packed import PackedKV
 from .kivi import SUPPORTED_BITS, dequantize_keys, dequantize_values, quantize_keys, quantize_values
 from .layer_state import BatchStateMixin
 
@@ -197,6 +198,13 @@ class QuantizedKV(KVStorage):
             keys = dequantize_values(self.key_codes, self.key_scale, self.key_zero, self.bits, self.group_size)
         values = dequantize_values(self.value_codes, self.value_scale, self.value_zero, self.bits, self.group_size)
         return keys, values
+
+    def packed(self) -> PackedKV:
+        """The decode seam's read-only view of this storage (history tensors None while T == 0)."""
+        residual = self.keys is not None and self.keys.shape[-2] > 0
+        return PackedKV(self.key_codes, self.key_scale, self.key_zero, self.value_codes, self.value_scale,
+                        self.value_zero, self.keys if residual else None, self.values if residual else None,
+                        bits=self.bits, group_size=self.group_size, key_mode=self.key_mode)
 
     # ------------------------------------------------------------------ KVStorage
     def read(self):

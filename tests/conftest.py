@@ -49,12 +49,10 @@ def tiny_gemma3(attn_implementation: str = "sdpa", dtype=torch.float32, seed: in
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(seed)
-    defaults = dict(num_hidden_layers=4, layer_types=["sliding_attention"] * 3 + ["full_attention"],
-                    max_position_embeddings=512)
-    config = Gemma3TextConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, sliding_window=8, attn_implementation=attn_implementation, **{**defaults, **config},
-    )
+    defaults = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, sliding_window=8, num_hidden_layers=4,
+                    layer_types=["sliding_attention"] * 3 + ["full_attention"], max_position_embeddings=512)
+    config = Gemma3TextConfig(attn_implementation=attn_implementation, **{**defaults, **config})
     return Gemma3ForCausalLM(config).to(dtype).eval()
 
 

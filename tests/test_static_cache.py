@@ -80,6 +80,41 @@ def test_compiled_decode_is_one_graph_and_matches_uncompiled():
     torch.testing.assert_close(logits, logits_ref, atol=1e-6, rtol=1e-6)
 
 
+def test_compiling_two_bit_widths_in_one_process():
+    """int4, then int8, then int4 compiled by generate in one process (its default `dynamic=None`, as on CUDA): the
+    same tokens as the eager path each time, and dynamo never makes `bits` or `group_size` symbolic. (Before the fix,
+    the int8 recompile marked `store.bits` dynamic by automatic dynamic shapes: torch 2.11 on CUDA then failed with
+    `failed to eval lshift(1, s13)` in kivi; torch 2.13 specializes it again and passes, so the log is checked.)"""
+    import logging
+
+    model = tiny_llama()
+    ids, mask = left_padded_prompt()
+    config = _compile_config()
+    config.dynamic = None
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    torch._dynamo.reset()
+    torch._logging.set_logs(dynamic=logging.INFO)
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")  # "marking <source> as dynamic (...)"
+    logger.addHandler(handler)
+    try:
+        for bits in (4, 8, 4):
+            kw = dict(bits=bits, group_size=16, residual_length=16, max_cache_len=100, fused=True)
+            with StaticQuantizedKVCache(model, **kw) as cache:
+                seq_ref, _ = _generate(model, cache, ids, mask, new_tokens=20)
+            with StaticQuantizedKVCache(model, **kw) as cache:
+                seq, _ = _generate(model, cache, ids, mask, new_tokens=20, compile_config=config)
+            assert torch.equal(seq, seq_ref), bits
+    finally:
+        logger.removeHandler(handler)
+        torch._logging.set_logs()
+        torch._dynamo.reset()
+    assert any("as dynamic" in r for r in records), "the probe saw no automatic-dynamic decision at all"
+    symbolic = [r for r in records if "as dynamic" in r and ("bits" in r or "group_size" in r)]
+    assert not symbolic, symbolic
+
+
 def _interpreted_triton_run() -> dict:
     """In a process with TRITON_INTERPRET=1: greedy tokens of the step path through the Triton kernel (interpreted on
     CPU tensors), uncompiled and compiled by generate (one graph), against the op's torch reference."""

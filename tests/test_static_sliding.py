@@ -12,7 +12,7 @@ from transformers import CompileConfig
 
 from kvpress_lite import QuantizedKVCache, StaticQuantizedKVCache
 from kvpress_lite._compat import StaticSlidingWindowLayer, cache_kwarg, static_passthrough_layer
-from kvpress_lite.quant.static_sliding import StaticSlidingWindowKVLayer
+from kvpress_lite.sliding import StaticSlidingWindowKVLayer
 
 SMALL = dict(bits=4, group_size=16, residual_length=16)  # tiny models: head_dim 16; tiny Gemma 3's window is 8
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from .._compat import CacheLayerMixin
+from ..attention_bridge import BridgedLayerMixin
 from ..layer_state import BatchStateMixin
 from ..storage import StorageSpec
 from . import observe
 from .policy import EvictionBudget, EvictionPolicy, ScoreInputs
 
 
-class EvictionLayer(BatchStateMixin, CacheLayerMixin):
+class EvictionLayer(BridgedLayerMixin, BatchStateMixin, CacheLayerMixin):
     """Keeps at most `budget + slack` tokens per sequence and kv head, evicting the lowest-scored ones.
 
     Storage: `store`, a `kvpress_lite.storage.KVStorage` of P physical slots `[B, H_kv, P, D]` (each head keeps its
@@ -58,7 +59,8 @@ class EvictionLayer(BatchStateMixin, CacheLayerMixin):
         self._read = None  # the keys/values the pending attention reads, until it is observed
         self.length = 0
         self.in_prompt = True  # no single-token (decoding) forward yet: a ratio budget follows the prompt's length
-        self._pending = False
+        self._fused = False  # this forward's attention runs the kernel over the packed store (see observe.fuses)
+        self.reset_bridge()
         self.is_initialized = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -94,12 +96,15 @@ class EvictionLayer(BatchStateMixin, CacheLayerMixin):
         if self.scores is not None:
             self.scores = torch.cat([self.scores, self.scores.new_zeros(B, H, q)], dim=-1)
         self.length += q
-        self._pending = True
-        fused = observe.fuses(self, q)  # attention runs the kernel over the packed store: no dequantized copy
-        self._read = None if fused else self.store.read()
-        returned = (self.store.keys, self.store.values) if fused else self._read
-        observe.expect(self, returned[0], fused)
+        self._fused = observe.fuses(self, q)  # attention runs the kernel over the packed store: no dequantized copy
+        self._read = None if self._fused else self.store.read()
+        returned = (self.store.keys, self.store.values) if self._fused else self._read
+        self.expect_attention(returned[0])
         return returned
+
+    def bridged_attention(self, base, module, query, key, value, attention_mask, **kwargs):
+        """Attention, then `observe` (called by the bridge; see `observe.attend`)."""
+        return observe.attend(self, base, module, query, key, value, attention_mask, **kwargs)
 
     def observe(self, query, key, attention_mask=None, weights=None, scaling=None, softcap=None) -> None:
         """After attention: learn new pads from the mask, update scores, evict if over budget.

@@ -1,46 +1,34 @@
 """Seeing what attention saw: the queries, the mask and (cheaply) the attention mass eviction policies rank by.
 
 SDPA returns no attention weights, and the cache never sees queries. An `EvictionLayer` therefore leaves itself
-pending on `kvpress_lite.attention_bridge` in `update` (`expect`), and the bridge's wrapper of the model's own
-attention (`sdpa` or `eager`), installed by `EvictionCache` (`attention_bridge.attach`), runs
-`_EvictionAttention.attend`: the model's attention (or, for a quantized store while decoding with a policy that needs
-no attention, the fused kernel over the packed storage), then `layer.observe(query, key, mask, weights)`. While no
-layer is pending the wrapper computes exactly what its base implementation computes.
+pending on `kvpress_lite.attention_bridge` in `update` (`expect_attention`), and the bridge's wrapper of the model's
+own attention (`sdpa` or `eager`), installed by `EvictionCache` (`attention_bridge.attach`), runs the layer's
+`bridged_attention`, i.e. `attend` here: the model's attention (or, for a quantized store while decoding with a policy
+that needs no attention, the fused kernel over the packed storage), then `layer.observe(query, key, mask, weights)`.
+While no layer is pending the wrapper computes exactly what its base implementation computes.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import attention_bridge
 from ..kernels import fused as fused_path
 
 QUERY_BLOCK = 256  # queries scored at once: bounds the transient to [B, H_q, 256, P] fp32 at prefill
 
 
-class _EvictionAttention:
-    """What the bridge runs for one pending `EvictionLayer` forward: attention, then `layer.observe`."""
-
-    __slots__ = ("layer", "fused", "kernel_impl")
-
-    def __init__(self, layer, fused: bool, kernel_impl: str):
-        self.layer, self.fused, self.kernel_impl = layer, fused, kernel_impl
-
-    @property
-    def layer_idx(self) -> int:
-        return self.layer.layer_idx
-
-    def attend(self, base, module, query, key, value, attention_mask, **kwargs):
-        output, weights = None, None
-        if self.fused:
-            output = fused_path.attend_store(self.layer.store, query, attention_mask, kwargs, self.kernel_impl)
-            if output is None:  # a mask/kwargs the kernel does not compute: base attention over a dequantized copy
-                key, value = self.layer.store.read()
-        if output is None:
-            output, weights = base(module, query, key, value, attention_mask, **kwargs)
-        self.layer.observe(query, key, attention_mask, weights, scaling=kwargs.get("scaling"),
-                           softcap=kwargs.get("softcap"))
-        return output, weights
+def attend(layer, base, module, query, key, value, attention_mask, **kwargs):
+    """What the bridge runs for one pending `EvictionLayer` forward (its `bridged_attention`): attention (the fused
+    kernel when `update` chose it, see `fuses`), then `layer.observe(query, key, mask, weights)`."""
+    output, weights = None, None
+    if layer._fused:
+        output = fused_path.attend(layer.store, query, attention_mask, kwargs, layer.fused_decode[1])
+        if output is None:  # a mask/kwargs the kernel does not compute: base attention over a dequantized copy
+            key, value = layer.store.read()
+    if output is None:
+        output, weights = base(module, query, key, value, attention_mask, **kwargs)
+    layer.observe(query, key, attention_mask, weights, scaling=kwargs.get("scaling"), softcap=kwargs.get("softcap"))
+    return output, weights
 
 
 def fuses(layer, q: int) -> bool:
@@ -54,13 +42,6 @@ def fuses(layer, q: int) -> bool:
     if options is None or not options[0].active or layer.policy.uses_attention:
         return False
     return fused_path.fusable(layer.store, q, options[1])
-
-
-def expect(layer, key: torch.Tensor, fused: bool = False) -> None:
-    """Mark `layer` as waiting for the attention of the forward whose keys (`key`, what `update` returns) it just
-    returned; `fused`: the attention runs the kernel over the packed store (see `fuses`)."""
-    options = getattr(layer, "fused_decode", None)
-    attention_bridge.expect(_EvictionAttention(layer, fused, options[1] if options else "auto"), key)
 
 
 def real_keys(attention_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,17 +1,33 @@
-"""Decode-attention kernels over the packed KIVI storage (`kvpress_lite.storage.QuantizedKV`).
+"""Decode attention over packed KIVI storage: the decode seam (see docs/decode-seam.md and docs/kernels.md).
 
-`quantized_decode_attention` is the one entry point (a `torch.library` custom op): a Triton flash-decoding kernel
-on CUDA (triton is optional), the torch reference (`reference_decode_attention`) elsewhere. See docs/kernels.md.
+A storage hands its packed tensors over as a `PackedKV` (`store.packed()`); `decode(query, packed, kv_start, scaling,
+softcap)` runs the implementation `dispatch.select` picks for the device (Triton on CUDA, the sdpa path elsewhere, the
+fp32 torch reference on request), eagerly or through the `torch.library` op under torch.compile.
+`quantized_decode_attention` is the validating public entry over flat tensors. Nothing here imports the caches.
 """
 
-from .op import IMPLS, quantized_decode_attention, triton_available
+from .dispatch import IMPLEMENTATIONS, decode, names, prefer, register, select, triton_available
+from .masks import decode_start, kv_start_from_mask
+from .op import quantized_decode_attention
+from .packed import PackedKV
 from .reference import dequantize_history, reference_decode_attention, unpack_codes
 
+IMPLS = names()  # accepted `impl` / `kernel_impl` values, at import (later `register` calls: `names()`)
+
 __all__ = [
+    "IMPLEMENTATIONS",
     "IMPLS",
+    "PackedKV",
+    "decode",
+    "decode_start",
     "dequantize_history",
+    "kv_start_from_mask",
+    "names",
+    "prefer",
     "quantized_decode_attention",
     "reference_decode_attention",
+    "register",
+    "select",
     "triton_available",
     "unpack_codes",
 ]

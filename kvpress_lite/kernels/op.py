@@ -1,47 +1,21 @@
-"""`quantized_decode_attention`: one op over packed KIVI storage, Triton on CUDA, the torch reference elsewhere.
+"""The decode op (`torch.ops.kvpress_lite.decode_attention`) and the public, validating `quantized_decode_attention`.
 
-Registered as `torch.ops.kvpress_lite.quantized_decode_attention` through `torch.library.custom_op` with a fake
-(meta) implementation, so `torch.compile` traces through it and CUDA graphs can capture it. Triton is optional: the
-Triton path runs on CUDA tensors, or on CPU tensors under Triton's interpreter (`TRITON_INTERPRET=1` set before
-triton is first imported).
+The op is registered through `torch.library.custom_op` with a fake (meta) implementation, so `torch.compile` traces
+through it and CUDA graphs can capture it; its body runs the implementation `dispatch.select` chose at trace time. A
+`PackedKV` cannot cross `torch.library`, so the op takes its tensors and static fields flat (`PackedKV.tensors()`,
+`PackedKV.statics()`): the only place they are spelled out.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .reference import reference_decode_attention
-from .sdpa_path import dequantized_sdpa_attention
-
-try:
-    from . import triton_decode as _triton
-    _TRITON_ERROR = None
-except ImportError as exc:  # triton is an optional dependency
-    _triton = None
-    _TRITON_ERROR = exc
-
-IMPLS = ("auto", "triton", "torch", "sdpa")
-BITS = (2, 4, 8)
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+from .dispatch import AUTO, DTYPES, IMPLEMENTATIONS, check_impl, decode
+from .packed import KEY_MODES, PackedKV
 
 
-def triton_available() -> bool:
-    """True if triton imported (it may still need CUDA tensors or TRITON_INTERPRET=1 to run)."""
-    return _triton is not None
-
-
-def _triton_refusal(query: torch.Tensor, head_dim: int, bits: int, group_size: int, per_channel: bool) -> str | None:
-    """None if the Triton kernel can run on these inputs, else why not."""
-    if _triton is None:
-        return f"triton is not installed ({_TRITON_ERROR}); `pip install triton` or use impl='torch'"
-    if not query.is_cuda and not _triton.INTERPRET:
-        return (f"the Triton kernel needs CUDA tensors (got device {query.device}), or TRITON_INTERPRET=1 set before "
-                "triton is imported to run it on CPU; use impl='torch' or impl='auto'")
-    return _triton.supported_shape(head_dim, bits, group_size, per_channel)
-
-
-@torch.library.custom_op("kvpress_lite::quantized_decode_attention", mutates_args=())
-def _op(
+@torch.library.custom_op("kvpress_lite::decode_attention", mutates_args=())
+def decode_op(
     query: torch.Tensor,
     key_codes: torch.Tensor | None,
     key_scale: torch.Tensor | None,
@@ -51,36 +25,29 @@ def _op(
     value_zero: torch.Tensor | None,
     residual_keys: torch.Tensor | None,
     residual_values: torch.Tensor | None,
+    lengths: torch.Tensor | None,
     kv_start: torch.Tensor | None,
     bits: int,
     group_size: int,
-    key_per_channel: bool,
+    key_mode: str,
+    key_layout: str,
+    value_layout: str,
     scaling: float,
     softcap: float,
     impl: str,
-    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    # `lengths` is last (default None) so positional callers (kernels/fused.py) keep working
-    args = (query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys,
-            residual_values, kv_start, bits, group_size, key_per_channel, scaling, softcap)
-    if impl == "torch":
-        return reference_decode_attention(*args, lengths=lengths)
-    if impl == "sdpa":
-        return dequantized_sdpa_attention(*args, lengths=lengths)
-    refusal = _triton_refusal(query, query.shape[-1], bits, group_size, key_per_channel)
-    if refusal is None and (impl == "triton" or query.is_cuda):
-        return _triton.triton_decode_attention(*args, lengths=lengths)
-    if impl == "triton":
-        raise RuntimeError(f"impl='triton' cannot run here: {refusal}")
-    return reference_decode_attention(*args, lengths=lengths)
+    packed = PackedKV.from_parts(
+        (key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys, residual_values, lengths),
+        (bits, group_size, key_mode, key_layout, value_layout))
+    return IMPLEMENTATIONS[impl].fn(query, packed, kv_start, scaling, softcap)
 
 
-@_op.register_fake
-def _(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys, residual_values,
-      kv_start, bits, group_size, key_per_channel, scaling, softcap, impl, lengths=None):
+@decode_op.register_fake
+def _(query, *args):
     return torch.empty_like(query)
 
 
+BITS = (2, 4, 8)
 INT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
 
 
@@ -110,10 +77,12 @@ def quantized_decode_attention(
     key_mode: str = "channel",
     scaling: float,
     softcap: float | None = None,
-    impl: str = "auto",
+    impl: str = AUTO,
     lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode attention of `query` over a packed KIVI history followed by a full-precision residual.
+    """Decode attention of `query` over a packed KIVI history followed by a full-precision residual (validated).
+
+    A thin wrapper: checks the arguments, builds a `PackedKV` and calls `dispatch.decode`.
 
     Args:
         query: `[B, H_q, q, D]`, q <= 16 queries per row (the last q positions; causal among them), GQA
@@ -125,23 +94,20 @@ def quantized_decode_attention(
         residual_keys, residual_values: `[B, H_kv, R', D]` in the query's dtype, or None when R' == 0.
         kv_start: int `[B]`, first valid key of each row (left padding), or None.
         bits: 8, 4 or 2. group_size: G. scaling: multiplies q . k. softcap: Gemma-2 score cap or None.
-        impl: "auto" (Triton on CUDA when installed and the shape is supported, else torch), "triton", "torch" (the
-            fp32 reference), "sdpa" (the history dequantized in the cache dtype, then SDPA: the fast CPU path).
+        impl: "auto" (Triton on CUDA when installed and the shape is supported, else the sdpa path), "triton",
+            "torch" (the fp32 reference), "sdpa" (the history dequantized in the cache dtype, then SDPA).
         lengths: None, or an integer `(2,)` tensor on the query's device holding `(T_valid, R_valid)` (valid-length
             mode, static buffers for torch.compile / CUDA graphs): the T and R' dimensions above are then
-            capacities (`T_cap`, a multiple of G for channel keys; `R_cap`) of which only the first T_valid history
-            and R_valid residual tokens are read (the rest may hold anything); positions and masks are those of the
-            compact tensors of the valid tokens, values are clamped to [0, capacity], and they are read on the
-            device only (no host sync, no recompile as they change).
+            capacities of which only the first T_valid history and R_valid residual tokens are read; values are
+            clamped to [0, capacity].
     Returns:
         `[B, H_q, q, D]` in the query's dtype; a query row that sees no key returns zeros.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r} is not supported; accepted values: {list(IMPLS)}")
+    check_impl(impl)
     if bits not in BITS:
         raise ValueError(f"bits={bits!r} is not supported; accepted values: {list(BITS)}")
-    if key_mode not in ("channel", "token"):
-        raise ValueError(f"key_mode={key_mode!r} is not supported; accepted values: ['channel', 'token']")
+    if key_mode not in KEY_MODES:
+        raise ValueError(f"key_mode={key_mode!r} is not supported; accepted values: {list(KEY_MODES)}")
     if query.dim() != 4 or query.dtype not in DTYPES:
         raise ValueError(f"query must be [B, H_q, q, D] in one of {[str(d) for d in DTYPES]}, got "
                          f"{tuple(query.shape)} {query.dtype}")
@@ -187,6 +153,9 @@ def quantized_decode_attention(
                else type(lengths).__name__)
         raise ValueError(f"lengths must be None or a tensor of shape (2,) = (T_valid, R_valid) with an integer dtype "
                          f"({[str(x) for x in INT_DTYPES]}) on the query's device {query.device}; got {got}")
-    return _op(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys,
-               residual_values, kv_start, int(bits), int(group_size), per_channel, float(scaling),
-               float(softcap or 0.0), impl, lengths)
+    packed = PackedKV(key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys,
+                      residual_values, bits=int(bits), group_size=int(group_size), key_mode=key_mode, lengths=lengths)
+    return decode(query, packed, kv_start, scaling, softcap, impl)
+
+
+__all__ = ["decode_op", "quantized_decode_attention"]

@@ -57,5 +57,43 @@ class PackedKV:
     def key_per_channel(self) -> bool:
         return self.key_mode == "channel"
 
+    @property
+    def has_history(self) -> bool:
+        return self.key_codes is not None and self.key_codes.shape[2] > 0
+
+    @property
+    def has_residual(self) -> bool:
+        return self.residual_keys is not None and self.residual_keys.shape[2] > 0
+
+    @property
+    def kv_heads(self) -> int:
+        return (self.key_codes if self.has_history else self.residual_keys).shape[1]
+
+    def valid_lengths(self) -> tuple[int, int]:
+        """(T, R) tokens to read: the capacities, or `lengths` (read on the host: a device sync) clamped to them."""
+        t_cap, r_cap = self.history_capacity, self.residual_capacity
+        if self.lengths is None:
+            return t_cap, r_cap
+        lt, lr = (int(x) for x in self.lengths.tolist())
+        return min(max(lt, 0), t_cap), min(max(lr, 0), r_cap)
+
+    # ------------------------------------------------------------------ crossing torch.library (no dataclasses there)
+    def tensors(self) -> tuple:
+        """The nine tensor fields in the order `from_parts` takes them (history, residual, lengths)."""
+        return (self.key_codes, self.key_scale, self.key_zero, self.value_codes, self.value_scale, self.value_zero,
+                self.residual_keys, self.residual_values, self.lengths)
+
+    def statics(self) -> tuple:
+        """The non-tensor fields, in the order `from_parts` takes them."""
+        return (int(self.bits), int(self.group_size), self.key_mode, self.key_layout, self.value_layout)
+
+    @classmethod
+    def from_parts(cls, tensors, statics) -> PackedKV:
+        """Inverse of (`tensors()`, `statics()`)."""
+        *hist_res, lengths = tensors
+        bits, group_size, key_mode, key_layout, value_layout = statics
+        return cls(*hist_res, bits=bits, group_size=group_size, key_mode=key_mode, lengths=lengths,
+                   key_layout=key_layout, value_layout=value_layout)
+
 
 __all__ = ["CHANNEL_PACKED", "KEY_MODES", "PackedKV"]

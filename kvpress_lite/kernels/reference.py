@@ -1,17 +1,19 @@
-"""Torch reference of decode attention over packed KIVI storage: exact semantics, fp32 softmax, runs anywhere.
+"""Torch reference of decode attention over a `PackedKV`: exact semantics, fp32 softmax, runs anywhere.
 
 Logical keys of one row are the quantized history (`T` tokens) followed by the full-precision residual (`R'`
 tokens). Query `i` of `q` sits at key position `T + R' - q + i` (causal among the last `q` keys); keys before
 `kv_start[b]` (left padding) are masked. Scores are `q . k * scaling`, then `softcap * tanh(s / softcap)` when a
 softcap is given (Gemma 2), then a softmax in fp32. A query row with no visible key returns zeros.
 
-Valid-length mode (`lengths`, static capacity buffers): the history/residual tensors are buffers of capacity
+Valid-length mode (`packed.lengths`, static capacity buffers): the history/residual tensors are buffers of capacity
 `T_cap` / `R_cap` of which only the first `T_valid` / `R_valid` tokens count; `T`, `R'` above become the valid lengths.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .packed import PackedKV
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -39,57 +41,50 @@ def dequantize_history(codes, scale, zero, bits: int, group_size: int, per_chann
     return q * s + z
 
 
-def valid_lengths(key_codes, residual_keys, lengths) -> tuple[int, int]:
-    """(T, R) tokens to read: the buffers' lengths, or `lengths` (read on the host) clamped to them."""
-    t_cap = key_codes.shape[2] if key_codes is not None else 0
-    r_cap = residual_keys.shape[2] if residual_keys is not None else 0
-    if lengths is None:
-        return t_cap, r_cap
-    lt, lr = (int(x) for x in lengths.tolist())
-    return min(max(lt, 0), t_cap), min(max(lr, 0), r_cap)
+def valid_history(packed: PackedKV, t: int, dequantize_keys, dequantize_values):
+    """Keys and values `[B, H, t, D]` of the first `t` history tokens, through the given dequantizers
+    (`fn(codes, scale, zero, bits, group_size)`): per-channel keys dequantize whole groups, then keep t tokens."""
+    g, bits = packed.group_size, packed.bits
+    if packed.key_per_channel:
+        n = -(-t // g) * g
+        keys = dequantize_keys(packed.key_codes[:, :, :n], packed.key_scale[:, :, : n // g],
+                               packed.key_zero[:, :, : n // g], bits, g)[:, :, :t]
+    else:
+        keys = dequantize_values(packed.key_codes[:, :, :t], packed.key_scale[:, :, :t], packed.key_zero[:, :, :t],
+                                 bits, g)
+    values = dequantize_values(packed.value_codes[:, :, :t], packed.value_scale[:, :, :t],
+                               packed.value_zero[:, :, :t], bits, g)
+    return keys, values
 
 
-def reference_decode_attention(
-    query: torch.Tensor,
-    key_codes: torch.Tensor | None,
-    key_scale: torch.Tensor | None,
-    key_zero: torch.Tensor | None,
-    value_codes: torch.Tensor | None,
-    value_scale: torch.Tensor | None,
-    value_zero: torch.Tensor | None,
-    residual_keys: torch.Tensor | None,
-    residual_values: torch.Tensor | None,
-    kv_start: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    key_per_channel: bool,
-    scaling: float,
-    softcap: float = 0.0,
-    lengths: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Attention of `query` `[B, H_q, q, D]` over history + residual; returns `[B, H_q, q, D]` in query's dtype.
+def _fp32_keys(codes, scale, zero, bits, g):
+    return dequantize_history(codes, scale, zero, bits, g, True)
 
-    GQA: query head `h` reads KV head `h // (H_q // H_kv)`. See the module docstring for positions and masking.
-    lengths: None, or int `(2,)` = `(T_valid, R_valid)`: only the first T_valid history tokens (of capacity
-    `key_codes.shape[2]`) and R_valid residual tokens (of `residual_keys.shape[2]`) are read; values are clamped to
-    [0, capacity]. Read on the host (a sync on CUDA): this is the reference, not the fast path.
+
+def _fp32_values(codes, scale, zero, bits, g):
+    return dequantize_history(codes, scale, zero, bits, g, False)
+
+
+def reference_decode_attention(query: torch.Tensor, packed: PackedKV, kv_start: torch.Tensor | None = None,
+                               scaling: float | None = None, softcap: float = 0.0) -> torch.Tensor:
+    """Attention of `query` `[B, H_q, q, D]` over `packed`; returns `[B, H_q, q, D]` in the query's dtype.
+
+    GQA: query head `h` reads KV head `h // (H_q // H_kv)`. kv_start: int `[B]` or None. See the module docstring for
+    positions and masking. Valid lengths are read on the host (a sync on CUDA): this is the reference, not a fast path.
     """
     b, hq, nq, d = query.shape
-    t_valid, r_valid = valid_lengths(key_codes, residual_keys, lengths)
+    scaling = d ** -0.5 if scaling is None else scaling
+    t_valid, r_valid = packed.valid_lengths()
     keys, values = [], []
     if t_valid > 0:
-        # per-channel keys: whole key groups (T_cap is a multiple of G), then the first T_valid tokens
-        n_param = -(-t_valid // group_size) if key_per_channel else t_valid
-        n_codes = n_param * group_size if key_per_channel else t_valid
-        keys.append(dequantize_history(key_codes[:, :, :n_codes], key_scale[:, :, :n_param], key_zero[:, :, :n_param],
-                                       bits, group_size, key_per_channel)[:, :, :t_valid])
-        values.append(dequantize_history(value_codes[:, :, :t_valid], value_scale[:, :, :t_valid],
-                                         value_zero[:, :, :t_valid], bits, group_size, False))
+        k, v = valid_history(packed, t_valid, _fp32_keys, _fp32_values)
+        keys.append(k)
+        values.append(v)
     if r_valid > 0:
-        keys.append(residual_keys[:, :, :r_valid].float())
-        values.append(residual_values[:, :, :r_valid].float())
+        keys.append(packed.residual_keys[:, :, :r_valid].float())
+        values.append(packed.residual_values[:, :, :r_valid].float())
     if not keys:
-        if lengths is not None:  # capacity buffers, both valid lengths 0: no query sees a key
+        if packed.lengths is not None:  # capacity buffers, both valid lengths 0: no query sees a key
             return torch.zeros_like(query)
         raise ValueError("decode attention needs at least one key: history and residual are both empty")
     k = torch.cat(keys, dim=2)  # (B, Hkv, L, D)
@@ -110,3 +105,6 @@ def reference_decode_attention(
     p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # a row with no visible key: all -inf -> NaN -> zeros
     out = torch.matmul(p, v)  # (B, Hkv, Gq*nq, D)
     return out.reshape(b, hq, nq, d).to(query.dtype)
+
+
+__all__ = ["dequantize_history", "reference_decode_attention", "unpack_codes", "valid_history"]

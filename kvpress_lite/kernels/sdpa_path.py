@@ -1,4 +1,4 @@
-"""`dequantized_sdpa_attention`: the decode op's fast path on a CPU (impl "sdpa").
+"""`dequantized_sdpa_attention`: decode over a `PackedKV` in the cache dtype, then SDPA (the fast path on a CPU).
 
 The valid history is dequantized in the cache dtype with KIVI's own dequantizers (`kvpress_lite.kivi`, the math of
 `QuantizedKVCache`'s unfused path), then torch's `scaled_dot_product_attention` runs over it and the residual. Same
@@ -13,41 +13,34 @@ import torch
 import torch.nn.functional as F
 
 from ..kivi import dequantize_keys, dequantize_values
-from .reference import reference_decode_attention, valid_lengths
+from .packed import PackedKV
+from .reference import reference_decode_attention, valid_history
 
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # `enable_gqa=` exists
 
 
-def dequantized_sdpa_attention(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,
-                               residual_keys, residual_values, kv_start, bits: int, group_size: int,
-                               key_per_channel: bool, scaling: float, softcap: float = 0.0,
-                               lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """`[B, H_q, q, D]` attention of `query` over history + residual; arguments as `reference_decode_attention`."""
+def dequantized_sdpa_attention(query: torch.Tensor, packed: PackedKV, kv_start: torch.Tensor | None = None,
+                               scaling: float | None = None, softcap: float = 0.0) -> torch.Tensor:
+    """`[B, H_q, q, D]` attention of `query` `[B, H_q, q, D]` over `packed` (as `reference_decode_attention`)."""
     if softcap:
-        return reference_decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_scale,
-                                          value_zero, residual_keys, residual_values, kv_start, bits, group_size,
-                                          key_per_channel, scaling, softcap, lengths=lengths)
-    t, r = valid_lengths(key_codes, residual_keys, lengths)
+        return reference_decode_attention(query, packed, kv_start, scaling, softcap)
+    t, r = packed.valid_lengths()
     keys, values = [], []
     if t > 0:
-        g = group_size
-        if key_per_channel:  # whole key groups, then the first t tokens
-            n = -(-t // g) * g
-            keys.append(dequantize_keys(key_codes[:, :, :n], key_scale[:, :, : n // g], key_zero[:, :, : n // g],
-                                        bits, g)[:, :, :t])
-        else:
-            keys.append(dequantize_values(key_codes[:, :, :t], key_scale[:, :, :t], key_zero[:, :, :t], bits, g))
-        values.append(dequantize_values(value_codes[:, :, :t], value_scale[:, :, :t], value_zero[:, :, :t], bits, g))
+        k, v = valid_history(packed, t, dequantize_keys, dequantize_values)
+        keys.append(k)
+        values.append(v)
     if r > 0:
-        keys.append(residual_keys[:, :, :r])
-        values.append(residual_values[:, :, :r])
+        keys.append(packed.residual_keys[:, :, :r])
+        values.append(packed.residual_values[:, :, :r])
     if not keys:
-        if lengths is not None:  # capacity buffers, both valid lengths 0: no query sees a key
+        if packed.lengths is not None:  # capacity buffers, both valid lengths 0: no query sees a key
             return torch.zeros_like(query)
         raise ValueError("decode attention needs at least one key: history and residual are both empty")
     k = torch.cat(keys, dim=2).to(query.dtype)  # (B, Hkv, L, D)
     v = torch.cat(values, dim=2).to(query.dtype)
-    b, hq, nq, _ = query.shape
+    b, hq, nq, d = query.shape
+    scaling = d ** -0.5 if scaling is None else scaling
     n, hkv = k.shape[2], k.shape[1]
     mask = None
     if nq > 1 or kv_start is not None:
@@ -65,3 +58,6 @@ def dequantized_sdpa_attention(query, key_codes, key_scale, key_zero, value_code
     if mask is not None:  # a query row that sees no key returns zeros (SDPA gives NaN there)
         out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
     return out
+
+
+__all__ = ["dequantized_sdpa_attention"]

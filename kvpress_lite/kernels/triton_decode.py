@@ -693,13 +693,30 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: a few splits, to exercise the reduction
 
 
-def triton_decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,
-                            residual_keys, residual_values, kv_start, bits: int, group_size: int,
-                            key_per_channel: bool, scaling: float, softcap: float = 0.0, *,
-                            block_n: int | None = None, num_splits: int | None = None, num_warps: int = 2,
-                            num_stages: int | None = None, magic: bool = True, variant: int | None = None,
-                            bias_dot: bool = True, v_join: bool = False,
-                            maxnreg: int | None | str = "auto", lengths: torch.Tensor | None = None) -> torch.Tensor:
+def triton_decode_attention(query, packed=None, kv_start=None, scaling=None, softcap=0.0, config=None, **flat):
+    """`[B, H_q, q, D]` decode attention of `query` over `packed` (a `kernels.packed.PackedKV`): the seam's entry.
+
+    config: None, or a dict of the launcher's tuning keywords (block_n, num_splits, num_warps, variant, ...).
+    Without `packed`, the pre-seam flat keywords (key_codes=..., bits=..., key_per_channel=...) reach the launcher
+    unchanged (tests/test_kernels.py, benchmarks/kernel_bench.py until the kernel rewrite lands).
+    """
+    if packed is None:
+        return _triton_decode_flat(query, kv_start=kv_start, scaling=scaling, softcap=softcap, **flat, **(config or {}))
+    residual = packed.has_residual
+    return _triton_decode_flat(
+        query, packed.key_codes, packed.key_scale, packed.key_zero, packed.value_codes, packed.value_scale,
+        packed.value_zero, packed.residual_keys if residual else None, packed.residual_values if residual else None,
+        kv_start, packed.bits, packed.group_size, packed.key_per_channel,
+        query.shape[-1] ** -0.5 if scaling is None else scaling, softcap, lengths=packed.lengths, **(config or {}))
+
+
+def _triton_decode_flat(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,
+                        residual_keys, residual_values, kv_start, bits: int, group_size: int,
+                        key_per_channel: bool, scaling: float, softcap: float = 0.0, *,
+                        block_n: int | None = None, num_splits: int | None = None, num_warps: int = 2,
+                        num_stages: int | None = None, magic: bool = True, variant: int | None = None,
+                        bias_dot: bool = True, v_join: bool = False,
+                        maxnreg: int | None | str = "auto", lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Triton path of `quantized_decode_attention` (arguments validated by the caller; see reference.py).
 
     lengths: None, or int `(2,)` (T_valid, R_valid) on the device (valid-length mode): the history/residual tensors

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from .. import attention_bridge
 from .._compat import CacheLayerMixin
+from ..attention_bridge import BridgedLayerMixin
 from ..kernels import fused as fused_path
 from ..layer_state import BatchStateMixin
 from ..storage import StorageSpec
 
 
-class QuantizedKVLayer(BatchStateMixin, CacheLayerMixin):
+class QuantizedKVLayer(BridgedLayerMixin, BatchStateMixin, CacheLayerMixin):
     """KIVI-style layer (arXiv 2402.02750): keys per-channel, values per-token, recent tokens full precision.
 
     New tokens enter the storage's full-precision residual `[B, H, R', D]`. Whenever it holds at least
@@ -24,7 +24,7 @@ class QuantizedKVLayer(BatchStateMixin, CacheLayerMixin):
         group_size: tokens per key group and channels per value group.
         residual_length: most recent tokens always kept in full precision.
         layer_idx: the model layer this cache layer serves (matched against the attention module by the bridge).
-        kernel_impl: implementation of the fused decode op ("auto", "triton", "torch"; see `kernels`).
+        kernel_impl: the decode implementation when fused ("auto", or a name in `kernels.names()`).
     Storage: `self.store`, a `kvpress_lite.storage.QuantizedKV`.
 
     Fused decoding: while `self.attachment` (an `attention_bridge.Attachment`, set by `QuantizedKVCache`) is active,
@@ -52,7 +52,8 @@ class QuantizedKVLayer(BatchStateMixin, CacheLayerMixin):
     def _clear(self) -> None:
         self.store = self.spec.new()
         self.is_initialized = False
-        self._pending = self._fused = self._bridge_seen = False
+        self._fused = False
+        self.reset_bridge()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -65,8 +66,7 @@ class QuantizedKVLayer(BatchStateMixin, CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append `[B, H, q, D]` states; return all keys/values `[B, H, T_q + R', D]` for attention."""
-        if self._pending:  # the previous forward's attention did not come through the bridge
-            self._pending, self._bridge_seen = False, False
+        if self.missed_attention():  # the previous forward's attention did not come through the bridge
             self.store.flush()
             if self._fused:
                 raise RuntimeError(
@@ -79,22 +79,20 @@ class QuantizedKVLayer(BatchStateMixin, CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self.store.append(key_states, value_states)
         if self.attachment is not None and self.attachment.active:
-            self._fused = self._bridge_seen and fused_path.fusable(self.store, key_states.shape[-2], self.kernel_impl)
+            self._fused = self.bridge_seen and fused_path.fusable(self.store, key_states.shape[-2], self.kernel_impl)
             out = (self.store.keys, self.store.values) if self._fused else self.store.read()
-            self._pending = True
-            attention_bridge.expect(self, out[0])
+            self.expect_attention(out[0])
             return out
         out = self.store.read()  # before the flush: this forward's tokens are read in full precision
         self.store.flush()
         return out
 
-    def attend(self, base, module, query, key, value, attention_mask, **kwargs):
-        """Run this layer's attention (called by the attention bridge): the fused kernel over the packed storage when
-        `update` chose it, else `base` (the model's own sdpa/eager) over what `update` returned; then flush."""
-        self._pending, self._bridge_seen = False, True
+    def bridged_attention(self, base, module, query, key, value, attention_mask, **kwargs):
+        """This layer's attention (through the bridge): the decode seam over the packed storage when `update` chose
+        it, else `base` (the model's own sdpa/eager) over what `update` returned; then flush."""
         result = None
         if self._fused:
-            out = fused_path.attend_store(self.store, query, attention_mask, kwargs, self.kernel_impl)
+            out = fused_path.attend(self.store, query, attention_mask, kwargs, self.kernel_impl)
             if out is not None:
                 result = (out, None)
             else:  # a mask/kwargs the kernel does not compute: the model's attention over a dequantized copy

@@ -6,10 +6,10 @@ from .._compat import static_passthrough_layer
 from ..cache import CompressedCache
 from ..kernels import fused as fused_path
 from ..registry import register
+from ..sliding import StaticSlidingWindowKVLayer
 from ..storage import StorageSpec, _positive_int
 from .attached import FusedAttachmentMixin
 from .static_layer import StaticQuantizedKVLayer
-from .static_sliding import StaticSlidingWindowKVLayer
 
 
 class StaticQuantizedKVCache(FusedAttachmentMixin, CompressedCache):

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from .. import _compat, attention_bridge
+from .. import _compat
 from .._compat import CacheLayerMixin
+from ..attention_bridge import BridgedLayerMixin, kv_start_from_mask
 from ..kernels import fused as fused_path
-from .static_step import StaticStepMixin
+from ..layer_state import FixedShapeLayerMixin
 from .static_storage import StaticQuantizedKV
 
 
-class StaticQuantizedKVLayer(StaticStepMixin, CacheLayerMixin):
+class StaticQuantizedKVLayer(FixedShapeLayerMixin, BridgedLayerMixin, CacheLayerMixin):
     """KIVI layer with preallocated storage (arXiv 2402.02750; layout in `static_storage`).
 
     Two paths, chosen from shapes and flags only (never from data, so a compiled decode step has no branch):
@@ -39,7 +40,6 @@ class StaticQuantizedKVLayer(StaticStepMixin, CacheLayerMixin):
         self.attachment = None  # set by the cache when it decodes through the kernel
         self.store = None
         self.is_initialized = False
-        self._bridge_seen = False  # a host-path forward of this layer reached `attend` through the bridge
 
     # ------------------------------------------------------------------ transformers' layer interface
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -58,27 +58,25 @@ class StaticQuantizedKVLayer(StaticStepMixin, CacheLayerMixin):
         if self._steps(q):
             self.store.flush_step()  # the previous step's due block first: see StaticQuantizedKV.flush_step
             self.store.append_step(key_states, value_states)
-            attention_bridge.expect(self, self.store.keys)
+            self.expect_attention(self.store.keys)
             return self.store.keys, self.store.values
         if not _compat.is_compiling():
             self.store.check_input(key_states)
         out = self.store.append_host(key_states, value_states)
         if self.fused:
-            attention_bridge.expect(self, out[0])
+            self.expect_attention(out[0])
         return out
 
-    def attend(self, base, module, query, key, value, attention_mask, **kwargs):
-        """Called by the attention bridge: the kernel over the buffers on the step path, else `base`."""
+    def bridged_attention(self, base, module, query, key, value, attention_mask, **kwargs):
+        """Through the bridge: the decode seam over the buffers on the step path, else `base` (after checking the
+        mask is left padding + causal, which the step path assumes)."""
         if key is self.store.keys:
-            if not fused_path._plain_kwargs(kwargs):
+            if not fused_path.plain_kwargs(kwargs):
                 raise ValueError(f"StaticQuantizedKVCache layer {self.layer_idx}: the model's attention asks for "
                                  f"{sorted(k for k in kwargs if kwargs[k] is not None)}; the fused decode computes "
                                  "plain softmax attention (scaling, softcap) only. Pass fused=False.")
-            out = fused_path.attend_static(self.store, query, fused_path.decode_start(attention_mask), kwargs,
-                                           self.kernel_impl)
-            return out, None
-        self._bridge_seen = True
-        ok, _ = attention_bridge.kv_start_from_mask(attention_mask, query.shape[-2], key.shape[-2])
+            return fused_path.attend_static(self.store, query, attention_mask, kwargs, self.kernel_impl), None
+        ok, _ = kv_start_from_mask(attention_mask, query.shape[-2], key.shape[-2])
         if not ok:
             raise ValueError(
                 "StaticQuantizedKVCache decodes through the fused kernel, which supports left padding only; this "
@@ -108,9 +106,11 @@ class StaticQuantizedKVLayer(StaticStepMixin, CacheLayerMixin):
         return self.max_cache_len
 
     def reset(self) -> None:
-        """Forget every token; buffers (and their addresses, so compiled graphs) are kept."""
+        """Forget every token; buffers (and their addresses, so compiled graphs) are kept. The next forward takes the
+        host path (which checks the new prompt's padding)."""
         if self.is_initialized:
             self.store.lengths.zero_()
+        self.reset_bridge()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder the batch in place for beam search."""

@@ -30,21 +30,9 @@ from __future__ import annotations
 import torch
 
 from .. import _compat
+from ..kernels.packed import PackedKV
 from ..kivi import dequantize_keys, dequantize_values, quantize_keys, quantize_values
-
-MAX_STEP = 16  # tokens a compiled decode step may append (the fused kernel's query limit)
-
-
-def check_fits(buffer: torch.Tensor, keys: torch.Tensor) -> None:
-    """ValueError if new `keys` `[B, H, q, D]` cannot be written into a preallocated `buffer` `[B, H, *, D]` (another
-    batch size, dtype or device)."""
-    b = buffer.shape[0]
-    if keys.shape[0] != b or keys.dtype != buffer.dtype or keys.device != buffer.device:
-        raise ValueError(
-            f"the static cache was allocated for batch {b} in {buffer.dtype} on {buffer.device}, got keys of batch "
-            f"{keys.shape[0]} in {keys.dtype} on {keys.device}; build a new cache (or call reset() and keep the batch "
-            "size)"
-        )
+from ..layer_state import MAX_STEP, check_fits
 
 
 class StaticQuantizedKV:
@@ -60,13 +48,27 @@ class StaticQuantizedKV:
     key_mode = "channel"
 
     def __init__(self, bits: int, group_size: int, residual_length: int, max_cache_len: int):
-        self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
+        self._bits, self._group_size = str(int(bits)), str(int(group_size))  # see `bits`
+        self.residual_length = residual_length
         self.max_cache_len = max_cache_len
         self.history_capacity = -(-max_cache_len // group_size) * group_size + group_size  # + one scratch block
         self.residual_capacity = residual_length + group_size - 1 + MAX_STEP
         self.lengths = None  # int32 [2]: (T, R)
         for name in self.state_names:
             setattr(self, name, None)
+
+    # `bits` and `group_size` must be compile-time constants of a compiled step (shifts, packing loops and views
+    # depend on them). A plain int attribute whose value differs between two compiles of one forward (int4, then
+    # int8: the same source `cache.layers[i].store.bits`) is made symbolic by dynamo's automatic dynamic shapes on the
+    # recompile, and torch 2.11 then fails on `1 << bits` (torch 2.13 specializes it again at `bits == 8`). Strings
+    # are always specialized (guarded by value), so both are stored as strings and parsed here.
+    @property
+    def bits(self) -> int:
+        return int(self._bits)
+
+    @property
+    def group_size(self) -> int:
+        return int(self._group_size)
 
     # ------------------------------------------------------------------ allocation
     @property
@@ -98,6 +100,12 @@ class StaticQuantizedKV:
     def quantized_length(self) -> int:
         """Tokens held in the quantized history (T; read on the host, a device sync on CUDA)."""
         return self.host_lengths()[0] if self.allocated else 0
+
+    def packed(self) -> PackedKV:
+        """The decode seam's view: every buffer at its capacity, the valid lengths on the device (`lengths`)."""
+        return PackedKV(self.key_codes, self.key_scale, self.key_zero, self.value_codes, self.value_scale,
+                        self.value_zero, self.keys, self.values, bits=self.bits, group_size=self.group_size,
+                        key_mode=self.key_mode, lengths=self.lengths)
 
     # ------------------------------------------------------------------ host path
     def host_lengths(self) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""`StaticSlidingWindowKVLayer`: the compileable full-precision sliding-window (or chunked) layer of the static cache.
+"""`StaticSlidingWindowKVLayer`: a compileable full-precision sliding-window (or chunked) layer (static caches).
 
 transformers' `StaticSlidingWindowLayer` keeps its length in a Python int (`cumulative_length_int`) that `update` reads:
 under torch.compile every decode step fails that guard and recompiles. This layer keeps the same tensors but its
@@ -23,10 +23,10 @@ import threading
 
 import torch
 
-from .. import _compat, attention_bridge
-from .._compat import CacheLayerMixin
-from .static_step import StaticStepMixin
-from .static_storage import check_fits
+from . import _compat
+from ._compat import CacheLayerMixin
+from .attention_bridge import BridgedLayerMixin
+from .layer_state import FixedShapeLayerMixin, check_fits
 
 _memo = threading.local()  # .last: (key, start or None) of the last checked host-path mask (shared by every layer)
 
@@ -47,7 +47,7 @@ def allowed_keys(pos: torch.Tensor, qpos: torch.Tensor, start: torch.Tensor, win
     return allowed & (p > qp - window)
 
 
-class StaticSlidingWindowKVLayer(StaticStepMixin, CacheLayerMixin):
+class StaticSlidingWindowKVLayer(FixedShapeLayerMixin, BridgedLayerMixin, CacheLayerMixin):
     """Sliding-window (or chunked) layer with fixed shapes and device lengths; see the module docstring.
 
     Args:
@@ -67,7 +67,6 @@ class StaticSlidingWindowKVLayer(StaticStepMixin, CacheLayerMixin):
         self.max_cache_len = min(sliding_window, max_cache_len)  # W, as transformers' StaticSlidingWindowLayer
         self.attachment = None  # set by the cache when it decodes through the attention bridge
         self.seen = self.kv_start = None
-        self._bridge_seen = False  # a host-path forward of this layer reached `attend` through the bridge
         self._host_seen = 0  # tokens seen before the current host-path forward (eager only)
 
     # ------------------------------------------------------------------ transformers' layer interface
@@ -93,7 +92,7 @@ class StaticSlidingWindowKVLayer(StaticStepMixin, CacheLayerMixin):
             check_fits(self.keys, key_states)
         out = self._update_host(key_states, value_states)
         if self.fused:
-            attention_bridge.expect(self, out[0])
+            self.expect_attention(out[0])
         return out
 
     def _update_host(self, keys: torch.Tensor, values: torch.Tensor):
@@ -131,17 +130,16 @@ class StaticSlidingWindowKVLayer(StaticStepMixin, CacheLayerMixin):
         self.keys.copy_(ext_k.index_select(2, src))
         self.values.copy_(ext_v.index_select(2, src))
         self.seen.add_(q)
-        attention_bridge.expect(self, ext_k)
+        self.expect_attention(ext_k)
         return ext_k, ext_v
 
-    def attend(self, base, module, query, key, value, attention_mask, **kwargs):
-        """Called by the attention bridge: on the step path `base` with this layer's own mask, else `base` unchanged
-        (after recording the rows' left padding from the prompt's mask)."""
+    def bridged_attention(self, base, module, query, key, value, attention_mask, **kwargs):
+        """Through the bridge: on the step path `base` with this layer's own mask, else `base` unchanged (after
+        recording the rows' left padding from the prompt's mask)."""
         q = query.shape[-2]
         if self._steps(q):
             mask = self._step_mask(q, key.shape[-2], attention_mask, query.dtype)
             return base(module, query, key, value, mask, **kwargs)
-        self._bridge_seen = True
         self._record_start(attention_mask, q, key.shape[-2])
         return base(module, query, key, value, attention_mask, **kwargs)
 
@@ -239,7 +237,7 @@ class StaticSlidingWindowKVLayer(StaticStepMixin, CacheLayerMixin):
         if self.is_initialized:
             self.seen.zero_()
             self.kv_start.zero_()
-        self._bridge_seen = False
+        self.reset_bridge()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder the batch in place for beam search."""
