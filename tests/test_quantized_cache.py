@@ -209,3 +209,34 @@ def test_gemma3_long_prompt_beyond_sliding_window_matches_dynamic(gemma3):
         if bits == 8:
             assert torch.equal(out.sequences, ref.sequences)
         assert total_variation <= 0.05, (bits, total_variation)
+
+
+def test_a_generation_length_gives_the_compileable_cache():
+    """`QuantizedKVCache(model, bits=4, max_new_tokens=N)` is the preallocated `StaticQuantizedKVCache` (one class for
+    users): `generate` compiles its decode step (forced on CPU: aot_eager, fullgraph, one graph, a recompile raises)
+    and decodes the tokens of the growing, uncompiled `QuantizedKVCache(model, bits=4)`."""
+    from conftest import greedy_with_logits, left_padded_prompt
+    from transformers import CompileConfig
+
+    from kvpress_lite import StaticQuantizedKVCache
+
+    model = tiny_llama()
+    ids, mask = left_padded_prompt()
+    kw = dict(bits=4, group_size=16, residual_length=16)
+    growing = QuantizedKVCache(model, **kw)
+    assert type(growing) is QuantizedKVCache and not growing.is_compileable
+    seq_ref, logits_ref = greedy_with_logits(model, growing, ids, mask, 30)
+    config = CompileConfig(backend="aot_eager", fullgraph=True, mode=None)
+    config._compile_all_devices = True  # generate compiles only on accelerators unless told
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        with QuantizedKVCache(model, **kw, max_new_tokens=30, fused=True) as cache:
+            assert isinstance(cache, StaticQuantizedKVCache) and cache.is_compileable
+            seq, logits = greedy_with_logits(model, cache, ids, mask, 30, compile_config=config)
+            assert cache.max_cache_len == ids.shape[1] + 30
+    torch._dynamo.reset()
+    assert torch.equal(seq, seq_ref)
+    torch.testing.assert_close(logits, logits_ref, atol=1e-5, rtol=1e-5)
+    static = QuantizedKVCache(model.config, 8, 16, 16, max_cache_len=64)  # positional arguments keep their meaning
+    assert isinstance(static, StaticQuantizedKVCache) and (static.bits, static.group_size, static.max_cache_len) == \
+        (8, 16, 64)

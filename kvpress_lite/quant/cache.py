@@ -8,6 +8,7 @@ from ..registry import register
 from ..storage import StorageSpec
 from .attached import FusedAttachmentMixin
 from .layer import QuantizedKVLayer
+from .static_cache import StaticQuantizedKVCache
 
 
 class QuantizedKVCache(FusedAttachmentMixin, CompressedCache):
@@ -22,6 +23,11 @@ class QuantizedKVCache(FusedAttachmentMixin, CompressedCache):
     forward dequantizes (the torch path). `detach()` or `with cache:` gives the model back its attention
     implementation (meanwhile the model computes exactly what it computes without the bridge, with any cache).
 
+    Compiled decoding (CUDA): give the generation length, `QuantizedKVCache(model, bits=4, max_new_tokens=256)` (or
+    `max_cache_len=`), and the constructor returns a `StaticQuantizedKVCache` instead: the same quantization token for
+    token, preallocated, so `generate` compiles its decode step (CUDA graphs). Without a length the cache grows as it
+    goes and decodes uncompiled.
+
     Args:
         model_or_config: the model (or its `PreTrainedConfig`: no fused path) the cache will run with.
         bits: 8, 4 or 2. Bytes/element ~ bits/8 + 4/group_size (16-bit scale and zero).
@@ -29,12 +35,25 @@ class QuantizedKVCache(FusedAttachmentMixin, CompressedCache):
         residual_length: most recent tokens kept in full precision (>= 0).
         fused: None (default: fused when the model is on CUDA and triton imports), True (always, given the model;
             on CPU the op runs `kernel_impl`), False (never).
-        kernel_impl: "auto", "triton" or "torch" (the reference), for the fused op.
+        kernel_impl: the decode implementation when fused: "auto" (Triton on CUDA, the sdpa path elsewhere), or a
+            name in `kvpress_lite.kernels.names()` ("triton", "sdpa", "torch": the fp32 reference).
+        max_new_tokens, max_cache_len: give one to get the preallocated, compileable `StaticQuantizedKVCache`.
     Paper: KIVI, https://arxiv.org/abs/2402.02750
     """
 
+    def __new__(cls, model_or_config=None, bits: int = 4, group_size: int = 64, residual_length: int = 128,
+                fused: bool | None = None, kernel_impl: str = "auto", max_new_tokens: int | None = None,
+                max_cache_len: int | None = None):
+        """`StaticQuantizedKVCache(...)` when a length is given (see the class docstring), else a growing cache."""
+        if cls is QuantizedKVCache and (max_new_tokens is not None or max_cache_len is not None):
+            return StaticQuantizedKVCache(model_or_config, bits=bits, group_size=group_size,
+                                          residual_length=residual_length, fused=fused, kernel_impl=kernel_impl,
+                                          max_new_tokens=max_new_tokens, max_cache_len=max_cache_len)
+        return super().__new__(cls)
+
     def __init__(self, model_or_config, bits: int = 4, group_size: int = 64, residual_length: int = 128,
-                 fused: bool | None = None, kernel_impl: str = "auto"):
+                 fused: bool | None = None, kernel_impl: str = "auto", max_new_tokens: int | None = None,
+                 max_cache_len: int | None = None):
         if bits is None:
             raise ValueError("bits=None is not supported by QuantizedKVCache; accepted values: [2, 4, 8] "
                              "(use the `dynamic` strategy for full precision)")
