@@ -1,25 +1,39 @@
 """Decode step time as `model.generate` runs it, compiled caches included (imported by gpu_decode.py).
 
 A compiled cache is only fast through `generate`'s own compile of the decode step (transformers compiles when the
-cache `is_compileable`, with CUDA graphs by default), so these rows time `generate` itself: a logits processor records
-an event every step (CUDA events on a GPU, `perf_counter` on a CPU), and a step is the gap between two consecutive
-events: forward, sampling, `generate`'s bookkeeping and the next step's input preparation, i.e. what a user waits
-for. Each row runs `generate` twice with the same cache object: first a short warm-up (prefill, compile, CUDA-graph
-recording: reported as `warmup_s`), then, after `cache.reset()`, the measured run; ms/step is the median over its
-steps after the first `skip`. Before every compiled row dynamo and the CUDA-graph trees are reset, so `warmup_s` is
-the full price a first call pays.
+cache `is_compileable`, with CUDA graphs by default), so these rows time `generate` itself: the harness's `StepClock`
+(eval/generation.py, a logits processor) stamps every step, and a step is the gap between two consecutive stamps:
+forward, sampling, `generate`'s bookkeeping and the next step's input preparation, i.e. what a user waits for.
+ms/step is the median over the measured run's steps after the first `skip`.
+
+Warm-up, the same for every row (a row's first run at a shape is never its figure):
+- compiled caches: a short `generate` (prefill, compile, CUDA-graph recording: `warmup_s`), then `cache.reset()`
+  (the buffers, and so the recorded graphs, are kept) and the measured run. Before every compiled row dynamo and the
+  CUDA-graph trees are reset, so `warmup_s` is the full price a first call pays.
+- growing caches (DynamicCache, QuantizedKVCache): a full first run at the same shape, timed like the measured one and
+  reported apart (`first_ms_per_step`, `warmup_s`: its first run grows the allocator step by step through
+  `torch.cat`), then the measured run with a *fresh* cache. Never `reset()` and reuse: transformers 5.17's
+  `DynamicLayer.reset()` zeroes its tensors but keeps them, so the reused cache held the warm-up's L + 7 zeroed tokens
+  and the measured run prefilled on top of them (2L keys, a dense mask: `[4, 1, 32761, 65536]` bf16 = 16 GiB at
+  32k x 4, the out-of-memory seen on the H100; and 60-150 ms decode steps over 2L keys at the other shapes).
+gpu_decode.py measures DynamicCache again last at each shape; ratios use that last figure.
 """
 
 from __future__ import annotations
 
+import pathlib
 import statistics
+import sys
 import time
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StaticCache
+from transformers import LogitsProcessorList, StaticCache
 
 from kvpress_lite import QuantizedKVCache, StaticQuantizedKVCache, cache_nbytes
 from kvpress_lite._compat import DynamicCache, cache_kwarg
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the checkout's eval/ (not in the wheel)
+from eval.generation import StepClock  # noqa: E402
 
 
 def _static_quantized(bits):
@@ -34,29 +48,12 @@ GENERATE_CACHES = {
     "ours int4 static compiled": (_static_quantized(4), True),
     "ours int8 static compiled": (_static_quantized(8), True),
 }
+AGAIN = " (again, last)"
 
 
-class StepClock(LogitsProcessor):
-    """Records one timestamp per decode step (called by `generate` after each forward)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks = []
-
-    def __call__(self, input_ids, scores):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append(event)
-        else:
-            self.marks.append(time.perf_counter())
-        return scores
-
-    def step_ms(self) -> list[float]:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
-        return [(b - a) * 1000 for a, b in zip(self.marks, self.marks[1:])]
+def step_ms(clock: StepClock) -> list[float]:
+    """ms between consecutive steps of `clock` (its first stamp ends the prefill)."""
+    return [(b - a) * 1000 for a, b in zip(clock.times, clock.times[1:])]
 
 
 def _sync(device) -> None:
@@ -85,9 +82,14 @@ def _generate(model, ids, cache, new_tokens, compiled, clock=None, compile_confi
         return model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
 
 
+def _release(cache) -> None:
+    if cache is not None and hasattr(cache, "detach"):
+        cache.detach()
+
+
 def measure_generate(model, ids, label, new_tokens=64, warm_tokens=8, skip=4, weights=0, compile_config=None):
-    """One row: warm-up `generate` (timed as `warmup_s`), `cache.reset()`, then `new_tokens` timed steps."""
-    factory, compiled = GENERATE_CACHES[label]
+    """One row: the warm-up of the module docstring (timed as `warmup_s`), then `new_tokens` measured steps."""
+    factory, compiled = GENERATE_CACHES[label.removesuffix(AGAIN)]
     batch, length = ids.shape
     row = dict(cache=label, length=length, batch=batch, compiled=compiled)
     device = ids.device
@@ -96,17 +98,27 @@ def measure_generate(model, ids, label, new_tokens=64, warm_tokens=8, skip=4, we
         if compiled:
             reset_compiled_state()
         cache = factory(model, length + new_tokens)
+        first = None if compiled else StepClock(device)
         _sync(device)
         start = time.perf_counter()
-        _generate(model, ids, cache, warm_tokens, compiled, compile_config=compile_config)
+        _generate(model, ids, cache, warm_tokens if compiled else new_tokens, compiled, first,
+                  compile_config=compile_config)
         _sync(device)
         row["warmup_s"] = time.perf_counter() - start
-        cache.reset()
+        if compiled:
+            cache.reset()  # keeps the buffers, so the recorded graphs
+        else:
+            row["first_ms_per_step"] = statistics.median(step_ms(first)[skip:])
+            _release(cache)
+            cache = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            cache = factory(model, length + new_tokens)  # fresh: see the module docstring
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         clock = StepClock(device)
         _generate(model, ids, cache, new_tokens, compiled, clock, compile_config=compile_config)
-        ms = clock.step_ms()[skip:]
+        ms = step_ms(clock)[skip:]
         row.update(ms_per_step=statistics.median(ms), ms_min=min(ms), ms_max=max(ms),
                    kv_gib=cache_nbytes(cache) / 2**30, fused=bool(getattr(cache, "fused", False)))
         if device.type == "cuda":
@@ -114,8 +126,7 @@ def measure_generate(model, ids, label, new_tokens=64, warm_tokens=8, skip=4, we
     except Exception as err:  # report and go on: one failing cache must not cost the lease
         row["error"] = repr(err)[:300]
     finally:
-        if cache is not None and hasattr(cache, "detach"):
-            cache.detach()
+        _release(cache)
         del cache
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -123,18 +134,20 @@ def measure_generate(model, ids, label, new_tokens=64, warm_tokens=8, skip=4, we
 
 
 def print_table(rows) -> None:
-    """Markdown table of `measure_generate` rows, ratios against the same shape's DynamicCache / StaticCache rows."""
-    print("\n| length x batch | cache | ms/step | vs DynamicCache | vs StaticCache compiled | warm-up s | KV GiB | "
-          "peak GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    """Markdown table of `measure_generate` rows; ratios against the same shape's DynamicCache (its last measurement)
+    and StaticCache rows; a growing cache's first run at the shape in its own column."""
+    print("\n| length x batch | cache | ms/step | first run ms/step | vs DynamicCache | vs StaticCache compiled | "
+          "warm-up s | KV GiB | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['length']} x {r['batch']} | {r['cache']} | error: {r['error'][:120]} | | | | | |")
+            print(f"| {r['length']} x {r['batch']} | {r['cache']} | error: {r['error'][:120]} | | | | | | |")
             continue
         same = {x["cache"]: x["ms_per_step"] for x in rows
                 if x["length"] == r["length"] and x["batch"] == r["batch"] and "ms_per_step" in x}
-        ratio = [r["ms_per_step"] / same[k] if k in same else float("nan")
-                 for k in ("DynamicCache", "StaticCache compiled")]
+        dynamic = same.get("DynamicCache" + AGAIN, same.get("DynamicCache", float("nan")))
+        ratio = [r["ms_per_step"] / dynamic, r["ms_per_step"] / same.get("StaticCache compiled", float("nan"))]
+        first = f"{r['first_ms_per_step']:.2f}" if "first_ms_per_step" in r else ""
         peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else ""
-        print(f"| {r['length']} x {r['batch']} | {r['cache']} | {r['ms_per_step']:.2f} | {ratio[0]:.2f} | "
+        print(f"| {r['length']} x {r['batch']} | {r['cache']} | {r['ms_per_step']:.2f} | {first} | {ratio[0]:.2f} | "
               f"{ratio[1]:.2f} | {r['warmup_s']:.1f} | {r['kv_gib']:.2f} | {peak} |")

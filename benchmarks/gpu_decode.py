@@ -16,7 +16,8 @@ from the measured bytes per row and shrinks by 12% after an out-of-memory error.
 
 Compiled caches (`--generate-grid`): `StaticCache` and `StaticQuantizedKVCache` are fast only through `generate`'s
 own compile of the decode step, so a second table times `generate` itself, per step, for them and for DynamicCache
-and QuantizedKVCache at the same shapes (benchmarks/generate_steps.py: method, warm-up/compile time separately).
+and QuantizedKVCache at the same shapes (benchmarks/generate_steps.py: method; every row warm, a growing cache's
+first run at the shape reported apart, DynamicCache measured first and again last at each shape).
 
     python benchmarks/gpu_decode.py --grid --generate-grid 8192x1 8192x8 32768x4
     python benchmarks/gpu_decode.py --device cpu --small --grid --generate-grid 256x2   # a CPU smoke run of the code
@@ -35,9 +36,9 @@ from kvpress_lite import build_cache, cache_nbytes
 from kvpress_lite._compat import cache_kwarg
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.gpu_decode
-    from generate_steps import GENERATE_CACHES, measure_generate, print_table
+    from generate_steps import AGAIN, GENERATE_CACHES, measure_generate, print_table
 except ImportError:  # pragma: no cover
-    from benchmarks.generate_steps import GENERATE_CACHES, measure_generate, print_table
+    from benchmarks.generate_steps import AGAIN, GENERATE_CACHES, measure_generate, print_table
 
 CACHES = {
     "DynamicCache": ("dynamic", {}),
@@ -248,7 +249,8 @@ def main() -> None:
     for point in args.generate_grid:
         length, batch = (int(x) for x in point.split("x"))
         ids = torch.randint(10, vocab, (batch, length), device=args.device)
-        for label in args.generate_caches:
+        again = ["DynamicCache" + AGAIN] if "DynamicCache" in args.generate_caches else []
+        for label in args.generate_caches + again:  # DynamicCache first and again last (drift check; ratios: last)
             row = measure_generate(model, ids, label, new_tokens=args.generate_tokens + 4, weights=weights,
                                    compile_config=compile_config)
             gen_rows.append(row)

@@ -10,6 +10,8 @@ import pathlib
 import subprocess
 import sys
 
+import torch
+
 ROOT = pathlib.Path(__file__).parents[1]
 
 
@@ -25,10 +27,35 @@ def test_gpu_decode_generate_rows_run_on_cpu(tmp_path):
     rows = json.loads(out.read_text())["generate"]
     from benchmarks.generate_steps import GENERATE_CACHES
 
-    assert [r["cache"] for r in rows] == list(GENERATE_CACHES)
+    assert [r["cache"] for r in rows] == [*GENERATE_CACHES, "DynamicCache (again, last)"]
     for row in rows:
         assert "error" not in row, row
         assert row["ms_per_step"] > 0 and row["warmup_s"] > 0 and row["kv_gib"] > 0
+        assert ("first_ms_per_step" in row) == (not row["compiled"])  # growing caches: first run reported apart
     static = [r for r in rows if "static compiled" in r["cache"]]
     assert static and all(r["fused"] for r in static)  # the compiled rows decoded through the step path
     assert "| 64 x 2 | StaticCache compiled |" in proc.stdout
+
+
+def test_generate_rows_never_reuse_a_reset_dynamic_cache(monkeypatch):
+    """transformers 5.17's `DynamicLayer.reset()` zeroes its tensors but keeps them; a benchmark that reset() and
+    reused a DynamicCache prefilled on top of the warm-up's tokens (2L keys: the 16 GiB mask at 32k x 4). Re-created
+    here on the installed version: the measured cache holds exactly prompt + new tokens."""
+    from transformers.cache_utils import DynamicLayer
+
+    from benchmarks.generate_steps import measure_generate
+    from benchmarks.gpu_decode import build_model
+
+    def reset_5_17(self):
+        if self.is_initialized:
+            self.keys.zero_()
+            self.values.zero_()
+
+    monkeypatch.setattr(DynamicLayer, "reset", reset_5_17)
+    model = build_model(2, "cpu", small=True)
+    ids = torch.randint(10, 2000, (2, 48), generator=torch.Generator().manual_seed(0))
+    row = measure_generate(model, ids, "DynamicCache", new_tokens=5, skip=1)
+    assert "error" not in row, row
+    tokens = 48 + 5 - 1  # the last generated token is never fed back
+    expected = 2 * 2 * 2 * 2 * tokens * 64 * 2  # layers x (K, V) x batch x kv heads x tokens x head_dim x bf16
+    assert round(row["kv_gib"] * 2**30) == expected
