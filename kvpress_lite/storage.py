@@ -202,9 +202,9 @@ class QuantizedKV(KVStorage):
     def packed(self) -> PackedKV:
         """The decode seam's read-only view of this storage (history tensors None while T == 0)."""
         residual = self.keys is not None and self.keys.shape[-2] > 0
-        return PackedKV(self.key_codes, self.key_scale, self.key_zero, self.value_codes, self.value_scale,
-                        self.value_zero, self.keys if residual else None, self.values if residual else None,
-                        bits=self.bits, group_size=self.group_size, key_mode=self.key_mode)
+        return PackedKV.view(self.key_codes, self.key_scale, self.key_zero, self.value_codes, self.value_scale,
+                             self.value_zero, self.keys if residual else None, self.values if residual else None,
+                             self.bits, self.group_size, self.key_mode)
 
     # ------------------------------------------------------------------ KVStorage
     def read(self):

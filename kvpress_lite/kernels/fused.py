@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import DTYPES, check_impl, decode, select, triton_available
+from .dispatch import check_impl, decode, select, triton_available
 from .masks import decode_start, kv_start_from_mask
 
 FUSED_CHOICES = (None, True, False)
@@ -47,7 +47,7 @@ def fusable(store, q: int, kernel_impl: str = "auto") -> bool:
     if not 1 <= q <= MAX_QUERIES or getattr(store, "key_codes", None) is None or store.key_codes.shape[2] == 0:
         return False
     keys = store.keys
-    if keys is None or keys.dtype not in DTYPES:
+    if keys is None:
         return False
     chosen, _ = select(kernel_impl, keys.device, keys.dtype, keys.shape[-1], store.bits, store.group_size,
                        store.key_mode)

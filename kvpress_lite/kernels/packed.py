@@ -43,6 +43,20 @@ class PackedKV:
     key_layout: str = CHANNEL_PACKED
     value_layout: str = CHANNEL_PACKED
 
+    @classmethod
+    def view(cls, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys, residual_values,
+             bits: int, group_size: int, key_mode: str = "channel", lengths=None, key_layout: str = CHANNEL_PACKED,
+             value_layout: str = CHANNEL_PACKED) -> PackedKV:
+        """The same object as `PackedKV(...)`, built without the frozen dataclass's per-field `object.__setattr__`
+        (~4 us -> ~1 us): storages build one per layer and decode step, and eager decoding is host-bound."""
+        packed = object.__new__(cls)
+        packed.__dict__.update(
+            key_codes=key_codes, key_scale=key_scale, key_zero=key_zero, value_codes=value_codes,
+            value_scale=value_scale, value_zero=value_zero, residual_keys=residual_keys,
+            residual_values=residual_values, bits=bits, group_size=group_size, key_mode=key_mode, lengths=lengths,
+            key_layout=key_layout, value_layout=value_layout)
+        return packed
+
     @property
     def history_capacity(self) -> int:
         """History tokens the tensors hold (T, or T_cap in valid-length mode)."""

@@ -103,9 +103,9 @@ class StaticQuantizedKV:
 
     def packed(self) -> PackedKV:
         """The decode seam's view: every buffer at its capacity, the valid lengths on the device (`lengths`)."""
-        return PackedKV(self.key_codes, self.key_scale, self.key_zero, self.value_codes, self.value_scale,
-                        self.value_zero, self.keys, self.values, bits=self.bits, group_size=self.group_size,
-                        key_mode=self.key_mode, lengths=self.lengths)
+        return PackedKV.view(self.key_codes, self.key_scale, self.key_zero, self.value_codes, self.value_scale,
+                             self.value_zero, self.keys, self.values, self.bits, self.group_size, self.key_mode,
+                             self.lengths)
 
     # ------------------------------------------------------------------ host path
     def host_lengths(self) -> tuple[int, int]:
