@@ -3,10 +3,12 @@
 # H100/H200 with torch, transformers and triton preinstalled (the package is pure Python: PYTHONPATH=. is enough).
 # Results (JSON + logs) go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh STEP, STEP one of:
 #   tests     the CUDA tests: kernels at real shapes (eager and valid-length mode under a CUDA graph), the fused
-#             QuantizedKVCache, StaticQuantizedKVCache compiled by generate (inductor, CUDA graphs)   (~3 min)
+#             QuantizedKVCache, StaticQuantizedKVCache compiled by generate (inductor, CUDA graphs; int4 then int8
+#             in one process), the seam's eager implementation choice                                 (~3 min)
 #   kernel    the decode kernel alone at 32k x 8 against SDPA over bf16 and the copy bandwidth          (~2 min)
-#   generate  decode steps through generate: DynamicCache, QuantizedKVCache int4, StaticCache compiled,
-#             StaticQuantizedKVCache int4/int8 compiled at 8k x 1, 8k x 8, 32k x 4 (compile time apart)  (~8 min)
+#   generate  decode steps through generate: DynamicCache (first and again last), QuantizedKVCache int4,
+#             StaticCache compiled, StaticQuantizedKVCache int4/int8 compiled at 8k x 1, 8k x 8, 32k x 4
+#             (compile time and growing caches' first run apart)                                       (~9 min)
 #   decode    decode forwards timed alone for every cache (kernel v3), 4 grid points                    (~8 min)
 #   peak      peak memory of a chunked prefill at 32k x 1 (4096-token chunks), DynamicCache vs int4     (~2 min)
 #   capacity  largest batch at 32k and its throughput                                                 (~8 min)
@@ -23,7 +25,7 @@ step=${1:?usage: gpu_session.sh tests|kernel|generate|decode|peak|capacity}
 case $step in
   tests)
     python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_static_cache.py \
-      tests/test_attention_bridge.py -k "gpu or cuda" 2>&1 | tee "$out/tests.log" ;;
+      tests/test_attention_bridge.py tests/test_decode_seam.py -k "gpu or cuda" 2>&1 | tee "$out/tests.log" ;;
   kernel)
     python benchmarks/kernel_bench.py --quick --json "$out/kernel.json" 2>&1 | tee "$out/kernel.log" ;;
   generate)

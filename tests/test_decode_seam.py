@@ -172,3 +172,36 @@ def test_static_reset_checks_the_next_short_prompt_for_left_padding():
         right[1, -3:] = 0  # right padding
         with pytest.raises(ValueError, match="left padding only"):
             model(input_ids=short, attention_mask=right, **{cache_kwarg(model): cache})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (eager Triton decoding)")
+def test_cuda_eager_decoding_takes_the_forced_implementation(monkeypatch):
+    """On CUDA, eager fused decoding runs what `select` chose: the Triton kernel by default, never with
+    kernel_impl="sdpa" (before the seam `attend_store` launched Triton there anyway); same greedy tokens."""
+    pytest.importorskip("triton", reason="triton is not installed (optional dependency)")
+    from kvpress_lite import QuantizedKVCache
+    from kvpress_lite._compat import cache_kwarg
+
+    model = tiny_llama(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, head_dim=64).cuda()
+    ids, mask = left_padded_prompt(length=200, pad=17)
+    ids, mask = ids.cuda(), mask.cuda()
+    triton_impl = dispatch.IMPLEMENTATIONS["triton"]
+    calls = []
+
+    def counting(*args):
+        calls.append(1)
+        return triton_impl.fn(*args)
+
+    monkeypatch.setitem(dispatch.IMPLEMENTATIONS, "triton", dispatch.Implementation(
+        "triton", counting, triton_impl.refusal, triton_impl.device_lengths))
+    dispatch._memo.clear()
+    outputs = {}
+    for impl in ("auto", "sdpa"):
+        calls.clear()
+        with QuantizedKVCache(model, bits=4, group_size=64, residual_length=64, kernel_impl=impl) as cache:
+            assert cache.fused
+            outputs[impl] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
+                                           **{cache_kwarg(model): cache})
+        assert (len(calls) > 0) == (impl == "auto"), (impl, len(calls))
+    dispatch._memo.clear()
+    assert torch.equal(outputs["auto"], outputs["sdpa"])
