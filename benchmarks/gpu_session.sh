@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/static-cache.md and docs/kernels.md, in steps that each fit a 10-minute call on one
 # H100/H200 with torch, transformers and triton preinstalled (the package is pure Python: PYTHONPATH=. is enough).
-# Results (JSON + logs) go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh STEP, STEP one of:
+# Results (JSON + logs) go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh STEP [SHAPES], STEP one of:
 #   tests     the CUDA tests: kernels at real shapes (eager and valid-length mode under a CUDA graph), the fused
 #             QuantizedKVCache, StaticQuantizedKVCache compiled by generate (inductor, CUDA graphs; int4 then int8
 #             in one process), the seam's eager implementation choice                                 (~3 min)
@@ -28,9 +28,12 @@ case $step in
       tests/test_attention_bridge.py tests/test_decode_seam.py -k "gpu or cuda" 2>&1 | tee "$out/tests.log" ;;
   kernel)
     python benchmarks/kernel_bench.py --quick --json "$out/kernel.json" 2>&1 | tee "$out/kernel.log" ;;
-  generate)
-    python benchmarks/gpu_decode.py --grid --generate-grid 8192x1 8192x8 32768x4 --json "$out/generate.json" \
-      2>&1 | tee "$out/generate.log" ;;
+  generate)  # optional shapes after the step name (e.g. `generate 32768x4`) to split it over two calls
+    shapes=("${@:2}")
+    [ ${#shapes[@]} -gt 0 ] || shapes=(8192x1 8192x8 32768x4)
+    tag=$(IFS=_; echo "${shapes[*]}")
+    python benchmarks/gpu_decode.py --grid --generate-grid "${shapes[@]}" --json "$out/generate_$tag.json" \
+      2>&1 | tee "$out/generate_$tag.log" ;;
   decode)
     python benchmarks/gpu_decode.py --grid 8192x1 8192x8 32768x1 32768x4 --json "$out/decode.json" \
       2>&1 | tee "$out/decode.log" ;;
