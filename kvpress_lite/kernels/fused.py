@@ -85,7 +85,7 @@ def attend_store(store, query: torch.Tensor, attention_mask, kwargs: dict, kerne
     if query.is_cuda and kernel_impl != "torch" and not torch.compiler.is_compiling():
         # eager decoding on CUDA: the Triton launcher directly (no custom-op dispatch: host time is most of a batch-1
         # step); `fusable` checked the layout. Under torch.compile the op below is traced instead.
-        out = _op_module._triton.triton_decode_attention(*args)
+        out = _op_module.launch_triton(*args)
     else:  # the op (no argument re-validation: the store's layout is known), traceable by torch.compile
         out = _op_module._op(*args, kernel_impl)
     return out.transpose(1, 2).contiguous()  # [B, q, H_q, D]; a no-op copy for q == 1
@@ -126,7 +126,7 @@ def attend_static(store, query: torch.Tensor, kv_start, kwargs: dict, kernel_imp
     if not query.is_cuda and kernel_impl == "auto":
         kernel_impl = "sdpa"  # the fast torch path on a CPU (the fp32 reference is impl "torch")
     if query.is_cuda and kernel_impl not in ("torch", "sdpa") and not torch.compiler.is_compiling():
-        out = _op_module._triton.triton_decode_attention(*args, lengths=store.lengths)
+        out = _op_module.launch_triton(*args, lengths=store.lengths)
     else:
         out = _op_module._op(*args, kernel_impl, store.lengths)
     return out.transpose(1, 2).contiguous()

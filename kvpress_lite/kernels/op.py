@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .packed import PackedKV
 from .reference import reference_decode_attention
 from .sdpa_path import dequantized_sdpa_attention
 
@@ -69,10 +70,18 @@ def _op(
         return dequantized_sdpa_attention(*args, lengths=lengths)
     refusal = _triton_refusal(query, query.shape[-1], bits, group_size, key_per_channel)
     if refusal is None and (impl == "triton" or query.is_cuda):
-        return _triton.triton_decode_attention(*args, lengths=lengths)
+        return launch_triton(*args, lengths=lengths)
     if impl == "triton":
         raise RuntimeError(f"impl='triton' cannot run here: {refusal}")
     return reference_decode_attention(*args, lengths=lengths)
+
+
+def launch_triton(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys,
+                  residual_values, kv_start, bits, group_size, key_per_channel, scaling, softcap, lengths=None):
+    """The Triton launcher over the op's positional arguments (channel-packed codes), through a `PackedKV`."""
+    packed = PackedKV(key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys,
+                      residual_values, int(bits), int(group_size), "channel" if key_per_channel else "token", lengths)
+    return _triton.triton_decode_attention(query, packed, kv_start, scaling, softcap)
 
 
 @_op.register_fake

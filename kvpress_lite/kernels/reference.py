@@ -66,6 +66,7 @@ def reference_decode_attention(
     scaling: float,
     softcap: float = 0.0,
     lengths: torch.Tensor | None = None,
+    value_layout: str = "channel",
 ) -> torch.Tensor:
     """Attention of `query` `[B, H_q, q, D]` over history + residual; returns `[B, H_q, q, D]` in query's dtype.
 
@@ -73,9 +74,15 @@ def reference_decode_attention(
     lengths: None, or int `(2,)` = `(T_valid, R_valid)`: only the first T_valid history tokens (of capacity
     `key_codes.shape[2]`) and R_valid residual tokens (of `residual_keys.shape[2]`) are read; values are clamped to
     [0, capacity]. Read on the host (a sync on CUDA): this is the reference, not the fast path.
+    value_layout: layout of `value_codes` (`kernels.layouts`: "channel" `[B, H, T, D*bits/8]` or "token"
+    `[B, H, D, P]`); converted to the channel layout here.
     """
     b, hq, nq, d = query.shape
     t_valid, r_valid = valid_lengths(key_codes, residual_keys, lengths)
+    if t_valid > 0 and value_layout != "channel":
+        from .layouts import to_channel_packed
+
+        value_codes = to_channel_packed(value_codes, value_layout, bits, t_valid)
     keys, values = [], []
     if t_valid > 0:
         # per-channel keys: whole key groups (T_cap is a multiple of G), then the first T_valid tokens
