@@ -756,6 +756,236 @@ def _decode_split_kernel_v4(
         tl.store(po + 3 * G, a3 + tl.sum(tl.where(offs_z[None, :] == 3, zacc, 0.0), 1)[:, None])
 
 
+@triton.jit
+def _softmax_weights_t(sT, pos, n_ok, qpos, start, m_i, l_i, scaling, softcap, USE_SOFTCAP: tl.constexpr,
+                       MASKED: tl.constexpr):
+    """`_softmax_weights` on transposed scores `[N, BQ]` (tokens along axis 0); MASKED False: a tile with every token
+    visible to every query (interior history tiles), no masks."""
+    if USE_SOFTCAP:
+        x = sT * (scaling / softcap)
+        t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)  # tanh(x), saturating without NaN
+        sT = t * (softcap * 1.4426950408889634)
+    else:
+        sT = sT * (scaling * 1.4426950408889634)
+    if MASKED:
+        ok = (pos[:, None] <= qpos[None, :]) & ((pos >= start) & n_ok)[:, None]
+        sT = tl.where(ok, sT, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sT, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(sT - m_safe[None, :])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 0)
+
+
+@triton.jit
+def _tile_t(q0T, q1T, m_i, l_i, a0, a1, a2, a3, zacc, t0, T, start, qpos, KC, KS, KZ, VC, VS, VZ, bh_t, vrow0, prow,
+            scaling, softcap, MASKED: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+            BITS: tl.constexpr, G: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+            ASM: tl.constexpr, VDT: tl.constexpr, PRECISION: tl.constexpr, CDT: tl.constexpr, KJ: tl.constexpr,
+            BIAS_DOT: tl.constexpr):
+    """One history tile of v4t: transposed scores `[N, BQ]` = codes `[N, D]` @ (q * s)^T, values
+    `o_g^T [G, BQ] += c_g [G, N] @ (p * s_g) [N, BQ]` (token-packed codes: the A operand with tokens along K)."""
+    PB: tl.constexpr = 8 // BITS
+    DB: tl.constexpr = D // PB
+    NG: tl.constexpr = D // G
+    NP: tl.constexpr = BLOCK_N // PB
+    QW: tl.constexpr = D if KJ else DB
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, DB)
+    offs_q = tl.arange(0, QW)
+    offs_p = tl.arange(0, NP)
+    offs_gr = tl.arange(0, G)
+    offs_z = tl.arange(0, 16)
+    offs_g = tl.arange(0, NG)
+    pos = t0 + offs_n
+    rows = bh_t + pos
+    if MASKED:
+        n_ok = pos < T
+        kb = tl.load(KC + rows[:, None] * DB + offs_j[None, :], mask=n_ok[:, None], other=0)
+    else:
+        n_ok = offs_n < BLOCK_N
+        kb = tl.load(KC + rows[:, None] * DB + offs_j[None, :])
+    if KEY_PER_CHANNEL:
+        kp = KS + ((bh_t + t0) // G) * D
+        zp = KZ + ((bh_t + t0) // G) * D
+        if KJ:
+            k = _codes_in_order(kb, BITS, ASM, CDT, BLOCK_N, DB)  # [N, D]
+            qs = (q0T * tl.load(kp + offs_q).to(tl.float32)[:, None]).to(CDT)
+            sT = tl.dot(k, qs, input_precision=PRECISION)
+            zq = q0T * tl.load(zp + offs_q).to(tl.float32)[:, None]
+        else:
+            k0, k1 = _codes(kb, BITS, ASM, CDT)
+            qs = (q0T * tl.load(kp + offs_q * PB).to(tl.float32)[:, None]).to(CDT)
+            sT = tl.dot(k0, qs, input_precision=PRECISION)
+            zq = q0T * tl.load(zp + offs_q * PB).to(tl.float32)[:, None]
+            if PB == 2:
+                qs = (q1T * tl.load(kp + offs_q * PB + 1).to(tl.float32)[:, None]).to(CDT)
+                sT = tl.dot(k1, qs, acc=sT, input_precision=PRECISION)
+                zq += q1T * tl.load(zp + offs_q * PB + 1).to(tl.float32)[:, None]
+        sT += tl.sum(zq, 0)[None, :]  # q . z: one reduction over channels per tile
+    else:  # per-token keys: dequantize the tile
+        ks = tl.load(KS + rows[:, None] * NG + offs_g[None, :], mask=n_ok[:, None], other=0).to(tl.float32)
+        kz = tl.load(KZ + rows[:, None] * NG + offs_g[None, :], mask=n_ok[:, None], other=0).to(tl.float32)
+        if KJ:
+            k = _codes_in_order(kb, BITS, ASM, CDT, BLOCK_N, DB).to(tl.float32)
+            k = k * _expand_groups(ks, BLOCK_N, NG, G) + _expand_groups(kz, BLOCK_N, NG, G)
+            sT = tl.dot(k.to(VDT), q0T.to(VDT), input_precision=PRECISION)
+        else:
+            k0, k1 = _codes(kb, BITS, ASM, CDT)
+            ksb = _expand_groups(ks, BLOCK_N, NG, DB // NG)
+            kzb = _expand_groups(kz, BLOCK_N, NG, DB // NG)
+            sT = tl.dot((k0.to(tl.float32) * ksb + kzb).to(VDT), q0T.to(VDT), input_precision=PRECISION)
+            if PB == 2:
+                sT = tl.dot((k1.to(tl.float32) * ksb + kzb).to(VDT), q1T.to(VDT), acc=sT, input_precision=PRECISION)
+    p, alpha, m_i, l_i = _softmax_weights_t(sT, pos, n_ok, qpos, start, m_i, l_i, scaling, softcap, USE_SOFTCAP,
+                                            MASKED)
+    vzT = tl.load(VZ + rows[None, :] * NG + offs_z[:, None], mask=n_ok[None, :] & (offs_z < NG)[:, None],
+                  other=0).to(VDT)
+    zacc = zacc * alpha[None, :] + tl.dot(vzT, p.to(VDT), input_precision=PRECISION)
+    pcol = t0 // PB + offs_p
+    for g in tl.static_range(NG):
+        if MASKED:
+            vb = tl.load(VC + (vrow0 + g * G + offs_gr)[:, None] * prow + pcol[None, :],
+                         mask=(pcol < prow)[None, :], other=0)
+        else:
+            vb = tl.load(VC + (vrow0 + g * G + offs_gr)[:, None] * prow + pcol[None, :])
+        v = _codes_in_order(vb, BITS, ASM, CDT, G, NP)  # [G, N]: A operand, tokens along K
+        if MASKED:
+            vs = tl.load(VS + rows * NG + g, mask=n_ok, other=0).to(tl.float32)
+        else:
+            vs = tl.load(VS + rows * NG + g).to(tl.float32)
+        pg = (p * vs[:, None]).to(CDT)
+        if g == 0:
+            a0 = a0 * alpha[None, :] + tl.dot(v, pg, input_precision=PRECISION)
+        elif g == 1:
+            a1 = a1 * alpha[None, :] + tl.dot(v, pg, input_precision=PRECISION)
+        elif g == 2:
+            a2 = a2 * alpha[None, :] + tl.dot(v, pg, input_precision=PRECISION)
+        else:
+            a3 = a3 * alpha[None, :] + tl.dot(v, pg, input_precision=PRECISION)
+    return m_i, l_i, a0, a1, a2, a3, zacc
+
+
+@triton.jit(do_not_specialize=["T_CAP", "R_CAP", "P16", "TILES_PER_SPLIT", "S_HIST", "S_TOTAL"])
+def _decode_split_kernel_v4t(
+    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, KV_START, LENS, PM, PL, PO,
+    scaling, softcap, T_CAP, R_CAP, P16, HKV, TILES_PER_SPLIT, S_HIST, S_TOTAL,
+    GQ: tl.constexpr, NQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+    KEY_PER_CHANNEL: tl.constexpr, HAS_START: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    ASM: tl.constexpr, VDT: tl.constexpr, PRECISION: tl.constexpr, CDT: tl.constexpr, K_JOIN: tl.constexpr,
+    BIAS_DOT: tl.constexpr = True, DYN_LEN: tl.constexpr = False,
+):
+    """v4, transposed: the `G_q * q` query rows are the N side of every dot (BLOCK_M = BQ columns, >= 8 instead of
+    the 16 rows an MMA's M side needs), tokens and channels its M side: scores `[N, BQ]`, outputs `o^T [D, BQ]`.
+    With G_q * q = 4 that halves the tensor-core work and the softmax's element count per tile. Interior history
+    tiles (every token visible to every query) skip all masks."""
+    BQ: tl.constexpr = BLOCK_M
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bh // HKV
+    PB: tl.constexpr = 8 // BITS
+    DB: tl.constexpr = D // PB
+    NG: tl.constexpr = D // G
+    KJ: tl.constexpr = K_JOIN or PB == 4 or not KEY_PER_CHANNEL
+    QW: tl.constexpr = D if KJ else DB
+    offs_m = tl.arange(0, BQ)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_q = tl.arange(0, QW)
+    offs_gc = tl.arange(0, G)
+    offs_z = tl.arange(0, 16)
+    row_ok = offs_m < GQ * NQ
+    head = pid_bh * GQ + offs_m // NQ
+    qi = offs_m % NQ
+    if KJ:
+        q_col = Q + ((head * NQ + qi) * D)[None, :] + offs_q[:, None]
+    else:
+        q_col = Q + ((head * NQ + qi) * D)[None, :] + offs_q[:, None] * PB
+    q0T = tl.load(q_col, mask=row_ok[None, :], other=0.0).to(tl.float32)  # [QW, BQ]
+    q1T = q0T
+    if not KJ and PB == 2:
+        q1T = tl.load(q_col + 1, mask=row_ok[None, :], other=0.0).to(tl.float32)
+    T, R = _valid_lengths(LENS, T_CAP, R_CAP, DYN_LEN)
+    qpos = T + R - NQ + qi
+    if HAS_START:
+        start = tl.load(KV_START + b).to(tl.int32)
+    else:
+        start = 0
+    m_i = tl.full([BQ], float("-inf"), tl.float32)
+    l_i = tl.zeros([BQ], tl.float32)
+    a0 = tl.zeros([G, BQ], tl.float32)  # o^T of value group g (channels g*G ..)
+    a1 = tl.zeros([G, BQ], tl.float32)
+    a2 = tl.zeros([G, BQ], tl.float32)
+    a3 = tl.zeros([G, BQ], tl.float32)
+    zacc = tl.zeros([16, BQ], tl.float32)  # row g: sum_n p * value_zero[n, g]
+    span = TILES_PER_SPLIT * BLOCK_N
+    if pid_s < S_HIST:
+        lo, hi = _history_range(pid_s, T, span, S_HIST, BLOCK_N, DYN_LEN)
+        lo_t = tl.maximum(lo, start) // BLOCK_N
+        hi_t = tl.cdiv(hi, BLOCK_N)
+        # tiles [in_lo, in_hi) need no mask: after left padding, before the end of the history, before every query
+        in_lo = tl.cdiv(start, BLOCK_N)
+        in_hi = tl.minimum(T, T + R - NQ + 1) // BLOCK_N
+        bh_t = pid_bh.to(tl.int64) * T_CAP
+        prow = P16 * 16
+        vrow0 = pid_bh.to(tl.int64) * D
+        for it in range(lo_t, hi_t):
+            t0 = it * BLOCK_N
+            if (it >= in_lo) & (it < in_hi):
+                m_i, l_i, a0, a1, a2, a3, zacc = _tile_t(
+                    q0T, q1T, m_i, l_i, a0, a1, a2, a3, zacc, t0, T, start, qpos, KC, KS, KZ, VC, VS, VZ, bh_t, vrow0,
+                    prow, scaling, softcap, False, BQ, BLOCK_N, D, BITS, G, KEY_PER_CHANNEL, USE_SOFTCAP, ASM, VDT,
+                    PRECISION, CDT, KJ, BIAS_DOT)
+            else:
+                m_i, l_i, a0, a1, a2, a3, zacc = _tile_t(
+                    q0T, q1T, m_i, l_i, a0, a1, a2, a3, zacc, t0, T, start, qpos, KC, KS, KZ, VC, VS, VZ, bh_t, vrow0,
+                    prow, scaling, softcap, True, BQ, BLOCK_N, D, BITS, G, KEY_PER_CHANNEL, USE_SOFTCAP, ASM, VDT,
+                    PRECISION, CDT, KJ, BIAS_DOT)
+    else:  # residual: full-precision keys and values in channel order
+        lo = (pid_s - S_HIST) * span
+        hi = tl.minimum(R, lo + span)
+        lo = tl.maximum(lo, ((start - T) // BLOCK_N) * BLOCK_N)
+        bh_r = pid_bh.to(tl.int64) * R_CAP
+        for r0 in tl.range(lo, hi, BLOCK_N, num_stages=1):
+            rr = r0 + offs_n
+            n_ok = rr < R
+            base_r = (bh_r + rr)[:, None] * D
+            if KJ:
+                sT = tl.dot(tl.load(RK + base_r + offs_q[None, :], mask=n_ok[:, None], other=0.0).to(VDT),
+                            q0T.to(VDT), input_precision=PRECISION)
+            else:
+                ptr = base_r + offs_q[None, :] * PB
+                sT = tl.dot(tl.load(RK + ptr, mask=n_ok[:, None], other=0.0).to(VDT), q0T.to(VDT),
+                            input_precision=PRECISION)
+                if PB == 2:
+                    sT = tl.dot(tl.load(RK + ptr + 1, mask=n_ok[:, None], other=0.0).to(VDT), q1T.to(VDT), acc=sT,
+                                input_precision=PRECISION)
+            p, alpha, m_i, l_i = _softmax_weights_t(sT, T + rr, n_ok, qpos, start, m_i, l_i, scaling, softcap,
+                                                    USE_SOFTCAP, True)
+            p = p.to(VDT)
+            ptrT = (bh_r + rr)[None, :] * D + offs_gc[:, None]  # [G, N]: values transposed
+            a0 = a0 * alpha[None, :] + tl.dot(tl.load(RV + ptrT, mask=n_ok[None, :], other=0.0).to(VDT), p,
+                                              input_precision=PRECISION)
+            if NG >= 2:
+                a1 = a1 * alpha[None, :] + tl.dot(tl.load(RV + ptrT + G, mask=n_ok[None, :], other=0.0).to(VDT), p,
+                                                  input_precision=PRECISION)
+            if NG >= 3:
+                a2 = a2 * alpha[None, :] + tl.dot(tl.load(RV + ptrT + 2 * G, mask=n_ok[None, :],
+                                                          other=0.0).to(VDT), p, input_precision=PRECISION)
+                a3 = a3 * alpha[None, :] + tl.dot(tl.load(RV + ptrT + 3 * G, mask=n_ok[None, :],
+                                                          other=0.0).to(VDT), p, input_precision=PRECISION)
+    base = (pid_bh * S_TOTAL + pid_s) * BQ + offs_m
+    tl.store(PM + base, m_i)
+    tl.store(PL + base, l_i)
+    po = PO + base[None, :] * D + offs_gc[:, None]  # [G, BQ]
+    tl.store(po, a0 + tl.sum(tl.where(offs_z[:, None] == 0, zacc, 0.0), 0)[None, :])
+    if NG >= 2:
+        tl.store(po + G, a1 + tl.sum(tl.where(offs_z[:, None] == 1, zacc, 0.0), 0)[None, :])
+    if NG >= 3:
+        tl.store(po + 2 * G, a2 + tl.sum(tl.where(offs_z[:, None] == 2, zacc, 0.0), 0)[None, :])
+        tl.store(po + 3 * G, a3 + tl.sum(tl.where(offs_z[:, None] == 3, zacc, 0.0), 0)[None, :])
+
+
 # ---------------------------------------------------------------------------------------------- launcher
 @dataclass(frozen=True)
 class DecodeConfig:
@@ -769,7 +999,8 @@ class DecodeConfig:
     magic: exact code conversion through magic-number floats (False: plain int->float converts; v2 only).
     bias_dot: per-channel key zeros enter the score dot on the tensor cores (False: a row reduction).
     v_join (v3): join a value group's phases before the dot. k_join (v4): join key codes into channel order (one dot
-    with the whole query) instead of two phase dots.
+    with the whole query) instead of two phase dots. transposed (v4): the query rows on the N side of the dots (at
+    least `block_q` of them, padded) instead of the M side (at least 16).
     """
 
     variant: int | None = None
@@ -783,6 +1014,8 @@ class DecodeConfig:
     bias_dot: bool = True
     v_join: bool = False
     k_join: bool | None = None
+    transposed: bool | None = None
+    block_q: int = 8
 
     def __post_init__(self):
         if self.variant not in (None, 2, 3, 4):
@@ -850,6 +1083,8 @@ def resolve_config(packed: PackedKV, head_dim: int, config: DecodeConfig | None 
             fill["per_sm"] = None  # unknown occupancy: the generic rule below
     if cfg.k_join is None:
         fill["k_join"] = bool(tuned.get("k_join", False))
+    if cfg.transposed is None:
+        fill["transposed"] = bool(tuned.get("transposed", False))
     if cfg.block_n is None:
         fill["block_n"] = 64
     return replace(cfg, variant=variant, **fill)
@@ -890,7 +1125,8 @@ def triton_decode_attention(query: torch.Tensor, packed: PackedKV, kv_start: tor
     block_n = cfg.block_n
     if has_hist and key_per_channel:
         block_n = min(block_n, gs)  # a tile lies inside one key group (power-of-two G, checked by caller)
-    block_m = max(16, triton.next_power_of_2(gq * nq))
+    transposed = variant == 4 and cfg.transposed
+    block_m = max(cfg.block_q if transposed else 16, triton.next_power_of_2(gq * nq))
 
     n_tiles_h = triton.cdiv(t, block_n)
     n_tiles_r = triton.cdiv(r, block_n)
@@ -946,8 +1182,9 @@ def triton_decode_attention(query: torch.Tensor, packed: PackedKV, kv_start: tor
             if has_hist and (prow % 16 or prow * (8 // bits) < t or tuple(vc.shape) != (b, hkv, d, prow)):
                 raise ValueError(f"token-packed value_codes must be [B, H, D, P] = [{b}, {hkv}, {d}, P] with P a "
                                  f"multiple of 16 holding >= {t} tokens; got {tuple(vc.shape)}")
-            _decode_split_kernel_v4[grid](*head, prow // 16, *tail, ASM=asm, CDT=cdt, K_JOIN=bool(cfg.k_join),
-                                          BIAS_DOT=bool(cfg.bias_dot), **common)
+            kernel = _decode_split_kernel_v4t if transposed else _decode_split_kernel_v4
+            kernel[grid](*head, prow // 16, *tail, ASM=asm, CDT=cdt, K_JOIN=bool(cfg.k_join),
+                         BIAS_DOT=bool(cfg.bias_dot), **common)
         else:
             _decode_split_kernel_v3[grid](*head, *tail, ASM=asm, BIAS_DOT=bool(cfg.bias_dot), CDT=cdt,
                                           V_JOIN=bool(cfg.v_join), **common)
