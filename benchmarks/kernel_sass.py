@@ -46,10 +46,14 @@ def compile_split(cfg: td.DecodeConfig, bits: int, key_mode="channel", d=128, gq
     dt = {"Q": "*bf16", "KC": "*u8", "VC": "*u8", "KV_START": "*i64", "LENS": "*i64", "PM": "*fp32", "PL": "*fp32",
           "PO": "*fp32"}
     asm = c.magic and bits in (4, 8)
-    const = dict(GQ=gq, NQ=nq, BLOCK_M=max(c.block_q if transposed else 16, triton.next_power_of_2(gq * nq)), BLOCK_N=min(c.block_n, gs), D=d,
+    block_m = max(c.block_q if transposed else 16, triton.next_power_of_2(gq * nq))
+    const = dict(GQ=gq, NQ=nq, BLOCK_M=block_m, BLOCK_N=min(c.block_n, gs), D=d,
                  BITS=bits, G=gs, KEY_PER_CHANNEL=key_mode == "channel", HAS_START=True, USE_SOFTCAP=False,
                  VDT=tl.bfloat16, PRECISION=None, DYN_LEN=dyn_len)
-    if c.variant == 4:
+    if transposed:
+        const.update(ASM=asm, CDT=tl.float16 if asm or c.raw_keys else tl.bfloat16, K_JOIN=bool(c.k_join),
+                     BIAS_DOT=c.bias_dot, RAW_KEYS=bool(c.raw_keys), PEEL=bool(c.peel))
+    elif c.variant == 4:
         const.update(ASM=asm, CDT=tl.float16 if asm and bits == 8 else tl.bfloat16, K_JOIN=bool(c.k_join),
                      BIAS_DOT=c.bias_dot)
     elif c.variant == 3:

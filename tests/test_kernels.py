@@ -468,8 +468,9 @@ def test_triton_v3_v4_match_reference_gpu(case):
                       device="cuda", seed=bits)
     kv_start = torch.tensor([0, 5, 300], device="cuda")
     layout = {"layout": "token"} if variant == 4 else {}
-    options = ({}, {"bias_dot": False}, {"v_join": True}) if variant == 3 else ({}, {"k_join": True},
-                                                                                 {"num_warps": 4, "maxnreg": None})
+    options = ({}, {"bias_dot": False}, {"v_join": True}) if variant == 3 else (
+        {}, {"k_join": True}, {"transposed": False}, {"transposed": True, "num_warps": 4, "maxnreg": None},
+        {"transposed": True, "num_warps": 2, "raw_keys": False, "peel": False})
     for softcap in (0.0, 30.0):
         ref = quantized_decode_attention(**inp, kv_start=kv_start, softcap=softcap, impl="torch")
         for extra in options:

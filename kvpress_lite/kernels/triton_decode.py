@@ -371,6 +371,45 @@ def _codes(b, BITS: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr):
             return c, c
 
 
+# Raw magic-number fp16 codes (no fma): 1024 + c for int8 and low nibbles, 1024 + 16 c for high nibbles; the caller
+# folds the 1/16 into the other operand and the 1024 offset into a bias (v4t keys): 0.75 instructions per int4 code
+ASM_INT4_FP16_RAW = tl.constexpr("""{
+    .reg .b32 t0, t1;
+    prmt.b32 t0, $4, 0, 0x4140;
+    prmt.b32 t1, $4, 0, 0x4342;
+    lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xEA;
+    lop3.b32 $2, t0, 0x00F000F0, 0x64006400, 0xEA;
+    lop3.b32 $3, t1, 0x00F000F0, 0x64006400, 0xEA;
+    }""")
+ASM_INT8_FP16_RAW = tl.constexpr("""{
+    prmt.b32 $0, $2, 0, 0x4140;
+    prmt.b32 $1, $2, 0, 0x4342;
+    or.b32 $0, $0, 0x64006400;
+    or.b32 $1, $1, 0x64006400;
+    }""")
+
+
+@triton.jit
+def _codes_raw(b, BITS: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr):
+    """uint8 bytes -> (1024 + low nibble, 1024 + 16 * high nibble) for 4 bits, (1024 + c, same) for 8 bits, in DT
+    (fp16 on a GPU: the inline PTX above; any float type in plain Triton)."""
+    if ASM:
+        if BITS == 4:
+            lo, hi = tl.inline_asm_elementwise(ASM_INT4_FP16_RAW, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=4)
+            return lo, hi
+        else:
+            c = tl.inline_asm_elementwise(ASM_INT8_FP16_RAW, "=r,=r,r", [b], dtype=tl.float16, is_pure=True, pack=4)
+            return c, c
+    else:
+        if BITS == 4:
+            return (((b & 0xF).to(tl.float32) + 1024.0).to(DT), ((b >> 4).to(tl.float32) * 16.0 + 1024.0).to(DT))
+        else:
+            c = (b.to(tl.float32) + 1024.0).to(DT)
+            return c, c
+
+
 @triton.jit(do_not_specialize=["T_CAP", "R_CAP", "TILES_PER_SPLIT", "S_HIST", "S_TOTAL"])  # no recompiles as T, R grow
 def _decode_split_kernel_v3(
     Q, KC, KS, KZ, VC, VS, VZ, RK, RV, KV_START, LENS, PM, PL, PO,
@@ -782,7 +821,7 @@ def _tile_t(q0T, q1T, m_i, l_i, a0, a1, a2, a3, zacc, t0, T, start, qpos, KC, KS
             scaling, softcap, MASKED: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
             BITS: tl.constexpr, G: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, USE_SOFTCAP: tl.constexpr,
             ASM: tl.constexpr, VDT: tl.constexpr, PRECISION: tl.constexpr, CDT: tl.constexpr, KJ: tl.constexpr,
-            BIAS_DOT: tl.constexpr):
+            RAW_KEYS: tl.constexpr):
     """One history tile of v4t: transposed scores `[N, BQ]` = codes `[N, D]` @ (q * s)^T, values
     `o_g^T [G, BQ] += c_g [G, N] @ (p * s_g) [N, BQ]` (token-packed codes: the A operand with tokens along K)."""
     PB: tl.constexpr = 8 // BITS
@@ -813,6 +852,15 @@ def _tile_t(q0T, q1T, m_i, l_i, a0, a1, a2, a3, zacc, t0, T, start, qpos, KC, KS
             qs = (q0T * tl.load(kp + offs_q).to(tl.float32)[:, None]).to(CDT)
             sT = tl.dot(k, qs, input_precision=PRECISION)
             zq = q0T * tl.load(zp + offs_q).to(tl.float32)[:, None]
+        elif RAW_KEYS:  # codes as 1024 + c (high nibbles 1024 + 16 c): 1/16 into the query, offsets into the bias
+            k0, k1 = _codes_raw(kb, BITS, ASM, CDT)
+            qs = (q0T * tl.load(kp + offs_q * PB).to(tl.float32)[:, None]).to(CDT)
+            sT = tl.dot(k0, qs, input_precision=PRECISION)
+            zq = q0T * tl.load(zp + offs_q * PB).to(tl.float32)[:, None] - 1024.0 * qs.to(tl.float32)
+            if PB == 2:
+                qs = (q1T * (tl.load(kp + offs_q * PB + 1).to(tl.float32) * 0.0625)[:, None]).to(CDT)
+                sT = tl.dot(k1, qs, acc=sT, input_precision=PRECISION)
+                zq += q1T * tl.load(zp + offs_q * PB + 1).to(tl.float32)[:, None] - 1024.0 * qs.to(tl.float32)
         else:
             k0, k1 = _codes(kb, BITS, ASM, CDT)
             qs = (q0T * tl.load(kp + offs_q * PB).to(tl.float32)[:, None]).to(CDT)
@@ -822,7 +870,7 @@ def _tile_t(q0T, q1T, m_i, l_i, a0, a1, a2, a3, zacc, t0, T, start, qpos, KC, KS
                 qs = (q1T * tl.load(kp + offs_q * PB + 1).to(tl.float32)[:, None]).to(CDT)
                 sT = tl.dot(k1, qs, acc=sT, input_precision=PRECISION)
                 zq += q1T * tl.load(zp + offs_q * PB + 1).to(tl.float32)[:, None]
-        sT += tl.sum(zq, 0)[None, :]  # q . z: one reduction over channels per tile
+        sT += tl.sum(zq, 0)[None, :]  # q . z (and the raw codes' offsets): one reduction over channels per tile
     else:  # per-token keys: dequantize the tile
         ks = tl.load(KS + rows[:, None] * NG + offs_g[None, :], mask=n_ok[:, None], other=0).to(tl.float32)
         kz = tl.load(KZ + rows[:, None] * NG + offs_g[None, :], mask=n_ok[:, None], other=0).to(tl.float32)
@@ -874,12 +922,15 @@ def _decode_split_kernel_v4t(
     D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
     KEY_PER_CHANNEL: tl.constexpr, HAS_START: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     ASM: tl.constexpr, VDT: tl.constexpr, PRECISION: tl.constexpr, CDT: tl.constexpr, K_JOIN: tl.constexpr,
-    BIAS_DOT: tl.constexpr = True, DYN_LEN: tl.constexpr = False,
+    BIAS_DOT: tl.constexpr = True, DYN_LEN: tl.constexpr = False, RAW_KEYS: tl.constexpr = False,
+    PEEL: tl.constexpr = True,
 ):
     """v4, transposed: the `G_q * q` query rows are the N side of every dot (BLOCK_M = BQ columns, >= 8 instead of
     the 16 rows an MMA's M side needs), tokens and channels its M side: scores `[N, BQ]`, outputs `o^T [D, BQ]`.
     With G_q * q = 4 that halves the tensor-core work and the softmax's element count per tile. Interior history
-    tiles (every token visible to every query) skip all masks."""
+    tiles (every token visible to every query) skip all masks. RAW_KEYS (per-channel 4/8-bit keys, fp16 codes): key
+    codes enter the score dot as 1024 + c without the fma that removes the magic (offsets folded into the bias).
+    BIAS_DOT is unused (the bias is one reduction per tile here). PEEL False: every tile masked (one loop body)."""
     BQ: tl.constexpr = BLOCK_M
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -888,6 +939,7 @@ def _decode_split_kernel_v4t(
     DB: tl.constexpr = D // PB
     NG: tl.constexpr = D // G
     KJ: tl.constexpr = K_JOIN or PB == 4 or not KEY_PER_CHANNEL
+    RAW: tl.constexpr = RAW_KEYS and not KJ
     QW: tl.constexpr = D if KJ else DB
     offs_m = tl.arange(0, BQ)
     offs_n = tl.arange(0, BLOCK_N)
@@ -931,16 +983,16 @@ def _decode_split_kernel_v4t(
         vrow0 = pid_bh.to(tl.int64) * D
         for it in range(lo_t, hi_t):
             t0 = it * BLOCK_N
-            if (it >= in_lo) & (it < in_hi):
+            if PEEL and (it >= in_lo) & (it < in_hi):
                 m_i, l_i, a0, a1, a2, a3, zacc = _tile_t(
                     q0T, q1T, m_i, l_i, a0, a1, a2, a3, zacc, t0, T, start, qpos, KC, KS, KZ, VC, VS, VZ, bh_t, vrow0,
                     prow, scaling, softcap, False, BQ, BLOCK_N, D, BITS, G, KEY_PER_CHANNEL, USE_SOFTCAP, ASM, VDT,
-                    PRECISION, CDT, KJ, BIAS_DOT)
+                    PRECISION, CDT, KJ, RAW)
             else:
                 m_i, l_i, a0, a1, a2, a3, zacc = _tile_t(
                     q0T, q1T, m_i, l_i, a0, a1, a2, a3, zacc, t0, T, start, qpos, KC, KS, KZ, VC, VS, VZ, bh_t, vrow0,
                     prow, scaling, softcap, True, BQ, BLOCK_N, D, BITS, G, KEY_PER_CHANNEL, USE_SOFTCAP, ASM, VDT,
-                    PRECISION, CDT, KJ, BIAS_DOT)
+                    PRECISION, CDT, KJ, RAW)
     else:  # residual: full-precision keys and values in channel order
         lo = (pid_s - S_HIST) * span
         hi = tl.minimum(R, lo + span)
@@ -1000,7 +1052,9 @@ class DecodeConfig:
     bias_dot: per-channel key zeros enter the score dot on the tensor cores (False: a row reduction).
     v_join (v3): join a value group's phases before the dot. k_join (v4): join key codes into channel order (one dot
     with the whole query) instead of two phase dots. transposed (v4): the query rows on the N side of the dots (at
-    least `block_q` of them, padded) instead of the M side (at least 16).
+    least `block_q` of them, padded) instead of the M side (at least 16). raw_keys (v4t): key codes enter the dot
+    as magic-number floats (1024 + c), the offsets folded into the per-tile bias. peel (v4t): interior tiles skip
+    the masks (False: every tile masked, one loop body).
     """
 
     variant: int | None = None
@@ -1016,6 +1070,8 @@ class DecodeConfig:
     k_join: bool | None = None
     transposed: bool | None = None
     block_q: int = 8
+    raw_keys: bool = True
+    peel: bool = True
 
     def __post_init__(self):
         if self.variant not in (None, 2, 3, 4):
@@ -1182,9 +1238,15 @@ def triton_decode_attention(query: torch.Tensor, packed: PackedKV, kv_start: tor
             if has_hist and (prow % 16 or prow * (8 // bits) < t or tuple(vc.shape) != (b, hkv, d, prow)):
                 raise ValueError(f"token-packed value_codes must be [B, H, D, P] = [{b}, {hkv}, {d}, P] with P a "
                                  f"multiple of 16 holding >= {t} tokens; got {tuple(vc.shape)}")
-            kernel = _decode_split_kernel_v4t if transposed else _decode_split_kernel_v4
-            kernel[grid](*head, prow // 16, *tail, ASM=asm, CDT=cdt, K_JOIN=bool(cfg.k_join),
-                         BIAS_DOT=bool(cfg.bias_dot), **common)
+            if transposed:  # fp16 codes for 4 and 8 bits with 16-bit queries (raw key codes, no shift for nibbles)
+                raw = bool(cfg.raw_keys) and bits in (4, 8) and dtype != torch.float32
+                if raw or asm:
+                    cdt = tl.float16 if not INTERPRET else (tl.float32 if dtype == torch.bfloat16 else cdt)
+                _decode_split_kernel_v4t[grid](*head, prow // 16, *tail, ASM=asm, CDT=cdt, K_JOIN=bool(cfg.k_join),
+                                               RAW_KEYS=raw, PEEL=bool(cfg.peel), **common)
+            else:
+                _decode_split_kernel_v4[grid](*head, prow // 16, *tail, ASM=asm, CDT=cdt, K_JOIN=bool(cfg.k_join),
+                                              BIAS_DOT=bool(cfg.bias_dot), **common)
         else:
             _decode_split_kernel_v3[grid](*head, *tail, ASM=asm, BIAS_DOT=bool(cfg.bias_dot), CDT=cdt,
                                           V_JOIN=bool(cfg.v_join), **common)
