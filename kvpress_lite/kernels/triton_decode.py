@@ -586,6 +586,31 @@ def _decode_split_kernel_v3(
 
 
 # ---------------------------------------------------------------------------------------------- v4
+# Loads in the v4 loops are contiguous rows of >= 4 bytes per thread (key scales/zeros of all channels, value
+# scales/zeros of all groups of a token), split into phases/columns in registers: strided 2-byte loads cannot be
+# pipelined (cp.async moves 4, 8 or 16 bytes) and stalled every tile for a full memory latency (docs/kernels.md).
+@triton.jit
+def _phases(x, PB: tl.constexpr, DB: tl.constexpr):
+    """`[D]` per-channel values -> (even channels, odd channels) `[D / 2]` for PB == 2, else (x, x)."""
+    if PB == 2:
+        return tl.split(tl.reshape(x, (DB, 2)))
+    else:
+        return x, x
+
+
+@triton.jit
+def _columns(x, NZ: tl.constexpr, N: tl.constexpr):
+    """`[N, NZ]` (NZ 2 or 4) -> its columns `[N]` (c0, c1, c2, c3; c2 = c3 = c0 when NZ == 2)."""
+    if NZ == 2:
+        c0, c1 = tl.split(x)
+        return c0, c1, c0, c0
+    else:
+        x0, x1 = tl.split(tl.reshape(x, (N, 2, 2)))
+        c0, c2 = tl.split(x0)
+        c1, c3 = tl.split(x1)
+        return c0, c1, c2, c3
+
+
 @triton.jit
 def _codes_in_order(b, BITS: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr, ROWS: tl.constexpr,
                     COLS: tl.constexpr):
@@ -606,14 +631,13 @@ def _codes_in_order(b, BITS: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr, 
 
 
 @triton.jit
-def _value_group(acc, alpha, p, VC, VS, vrow0, prow, rows, n_ok, pcol, pcol_ok, g: tl.constexpr, NG: tl.constexpr,
-                 G: tl.constexpr, BITS: tl.constexpr, NP: tl.constexpr, ASM: tl.constexpr, CDT: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """acc * alpha + (p * s_g) @ c_g for value group g: codes `[G, NP]` bytes of channels g*G.. (token-packed rows)."""
+def _value_group(acc, alpha, p, VC, vs, vrow0, prow, pcol, pcol_ok, g: tl.constexpr, G: tl.constexpr,
+                 BITS: tl.constexpr, NP: tl.constexpr, ASM: tl.constexpr, CDT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc * alpha + (p * s_g) @ c_g for value group g (per-token scales `vs` `[N]`): codes `[G, NP]` bytes of
+    channels g*G.. (token-packed rows)."""
     offs_gr = tl.arange(0, G)
     vb = tl.load(VC + (vrow0 + g * G + offs_gr)[:, None] * prow + pcol[None, :], mask=pcol_ok[None, :], other=0)
     v = _codes_in_order(vb, BITS, ASM, CDT, G, NP)  # [G, N]
-    vs = tl.load(VS + rows * NG + g, mask=n_ok, other=0).to(tl.float32)
     pg = (p * vs[None, :]).to(CDT)
     return acc * alpha[:, None] + tl.dot(pg, tl.trans(v), input_precision=PRECISION)
 
@@ -648,7 +672,9 @@ def _decode_split_kernel_v4(
     offs_q = tl.arange(0, QW)
     offs_p = tl.arange(0, NP)
     offs_gc = tl.arange(0, G)
-    offs_z = tl.arange(0, 16)
+    NZ: tl.constexpr = 2 if NG == 1 else NG  # value scale/zero columns loaded per token (>= 2: 4-byte rows)
+    offs_z = tl.arange(0, NZ)
+    offs_d = tl.arange(0, D)
     offs_g = tl.arange(0, NG)
     row_ok = offs_m < GQ * NQ
     head = pid_bh * GQ + offs_m // NQ
@@ -673,7 +699,7 @@ def _decode_split_kernel_v4(
     a1 = tl.zeros([BLOCK_M, G], tl.float32)
     a2 = tl.zeros([BLOCK_M, G], tl.float32)
     a3 = tl.zeros([BLOCK_M, G], tl.float32)
-    zacc = tl.zeros([BLOCK_M, 16], tl.float32)  # column g: sum_n p * value_zero[n, g]
+    zacc = tl.zeros([BLOCK_M, NZ], tl.float32)  # column g: sum_n p * value_zero[n, g]
     span = TILES_PER_SPLIT * BLOCK_N
     if pid_s < S_HIST:
         lo, hi = _history_range(pid_s, T, span, S_HIST, BLOCK_N, DYN_LEN)
@@ -702,21 +728,23 @@ def _decode_split_kernel_v4(
                         s += tl.sum(q0 * tl.load(zp + offs_q).to(tl.float32)[None, :], 1)[:, None]
                 else:
                     k0, k1 = _codes(kb, BITS, ASM, CDT)
-                    qs = (q0 * tl.load(kp + offs_q * PB).to(tl.float32)[None, :]).to(CDT)
+                    ks0, ks1 = _phases(tl.load(kp + offs_d).to(tl.float32), PB, DB)
+                    kz0, kz1 = _phases(tl.load(zp + offs_d), PB, DB)
+                    qs = (q0 * ks0[None, :]).to(CDT)
                     s = tl.dot(qs, tl.trans(k0), input_precision=PRECISION)
                     if PB == 2:
-                        qs = (q1 * tl.load(kp + offs_q * PB + 1).to(tl.float32)[None, :]).to(CDT)
+                        qs = (q1 * ks1[None, :]).to(CDT)
                         s = tl.dot(qs, tl.trans(k1), acc=s, input_precision=PRECISION)
                     if BIAS_DOT:
-                        zb = tl.broadcast_to(tl.load(zp + offs_q * PB)[:, None], (DB, BLOCK_N)).to(VDT)
+                        zb = tl.broadcast_to(kz0[:, None], (DB, BLOCK_N)).to(VDT)
                         s = tl.dot(q0.to(VDT), zb, acc=s, input_precision=PRECISION)
                         if PB == 2:
-                            zb = tl.broadcast_to(tl.load(zp + offs_q * PB + 1)[:, None], (DB, BLOCK_N)).to(VDT)
+                            zb = tl.broadcast_to(kz1[:, None], (DB, BLOCK_N)).to(VDT)
                             s = tl.dot(q1.to(VDT), zb, acc=s, input_precision=PRECISION)
                     else:
-                        bias = tl.sum(q0 * tl.load(zp + offs_q * PB).to(tl.float32)[None, :], 1)
+                        bias = tl.sum(q0 * kz0.to(tl.float32)[None, :], 1)
                         if PB == 2:
-                            bias += tl.sum(q1 * tl.load(zp + offs_q * PB + 1).to(tl.float32)[None, :], 1)
+                            bias += tl.sum(q1 * kz1.to(tl.float32)[None, :], 1)
                         s += bias[:, None]
             else:  # per-token keys: dequantize the tile (scale/zero per token and channel group)
                 ks = tl.load(KS + rows[:, None] * NG + offs_g[None, :], mask=n_ok[:, None], other=0).to(tl.float32)
@@ -735,21 +763,22 @@ def _decode_split_kernel_v4(
                         k = (k1.to(tl.float32) * ksb + kzb).to(VDT)
                         s += tl.dot(q1.to(VDT), tl.trans(k), input_precision=PRECISION)
             p, alpha, m_i, l_i = _softmax_weights(s, pos, n_ok, qpos, start, m_i, l_i, scaling, softcap, USE_SOFTCAP)
-            vz = tl.load(VZ + rows[:, None] * NG + offs_z[None, :], mask=n_ok[:, None] & (offs_z < NG)[None, :],
-                         other=0).to(VDT)
+            zmask = n_ok[:, None] & (offs_z < NG)[None, :]
+            vz = tl.load(VZ + rows[:, None] * NG + offs_z[None, :], mask=zmask, other=0).to(VDT)
             zacc = zacc * alpha[:, None] + tl.dot(p.to(VDT), vz, input_precision=PRECISION)
-            pcol = t0 // PB + offs_p
+            vs0, vs1, vs2, vs3 = _columns(tl.load(VS + rows[:, None] * NG + offs_z[None, :], mask=zmask,
+                                                  other=0).to(tl.float32), NZ, BLOCK_N)
+            pcol = it * NP + offs_p
             pcol_ok = pcol < prow
-            a0 = _value_group(a0, alpha, p, VC, VS, vrow0, prow, rows, n_ok, pcol, pcol_ok, 0, NG, G, BITS, NP, ASM,
-                              CDT, PRECISION)
+            a0 = _value_group(a0, alpha, p, VC, vs0, vrow0, prow, pcol, pcol_ok, 0, G, BITS, NP, ASM, CDT, PRECISION)
             if NG >= 2:
-                a1 = _value_group(a1, alpha, p, VC, VS, vrow0, prow, rows, n_ok, pcol, pcol_ok, 1, NG, G, BITS, NP,
-                                  ASM, CDT, PRECISION)
+                a1 = _value_group(a1, alpha, p, VC, vs1, vrow0, prow, pcol, pcol_ok, 1, G, BITS, NP, ASM, CDT,
+                                  PRECISION)
             if NG >= 3:
-                a2 = _value_group(a2, alpha, p, VC, VS, vrow0, prow, rows, n_ok, pcol, pcol_ok, 2, NG, G, BITS, NP,
-                                  ASM, CDT, PRECISION)
-                a3 = _value_group(a3, alpha, p, VC, VS, vrow0, prow, rows, n_ok, pcol, pcol_ok, 3, NG, G, BITS, NP,
-                                  ASM, CDT, PRECISION)
+                a2 = _value_group(a2, alpha, p, VC, vs2, vrow0, prow, pcol, pcol_ok, 2, G, BITS, NP, ASM, CDT,
+                                  PRECISION)
+                a3 = _value_group(a3, alpha, p, VC, vs3, vrow0, prow, pcol, pcol_ok, 3, G, BITS, NP, ASM, CDT,
+                                  PRECISION)
     else:  # residual: full-precision keys and values in channel order
         lo = (pid_s - S_HIST) * span
         hi = tl.minimum(R, lo + span)
@@ -817,7 +846,7 @@ def _softmax_weights_t(sT, pos, n_ok, qpos, start, m_i, l_i, scaling, softcap, U
 
 
 @triton.jit
-def _tile_t(q0T, q1T, m_i, l_i, a0, a1, a2, a3, zacc, t0, T, start, qpos, KC, KS, KZ, VC, VS, VZ, bh_t, vrow0, prow,
+def _tile_t(q0T, q1T, m_i, l_i, a0, a1, a2, a3, zacc, it, T, start, qpos, KC, KS, KZ, VC, VS, VZ, bh_t, vrow0, prow,
             scaling, softcap, MASKED: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
             BITS: tl.constexpr, G: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, USE_SOFTCAP: tl.constexpr,
             ASM: tl.constexpr, VDT: tl.constexpr, PRECISION: tl.constexpr, CDT: tl.constexpr, KJ: tl.constexpr,
@@ -834,8 +863,11 @@ def _tile_t(q0T, q1T, m_i, l_i, a0, a1, a2, a3, zacc, t0, T, start, qpos, KC, KS
     offs_q = tl.arange(0, QW)
     offs_p = tl.arange(0, NP)
     offs_gr = tl.arange(0, G)
-    offs_z = tl.arange(0, 16)
+    NZ: tl.constexpr = 2 if NG == 1 else NG
+    offs_z = tl.arange(0, NZ)
+    offs_d = tl.arange(0, D)
     offs_g = tl.arange(0, NG)
+    t0 = it * BLOCK_N
     pos = t0 + offs_n
     rows = bh_t + pos
     if MASKED:
@@ -854,22 +886,26 @@ def _tile_t(q0T, q1T, m_i, l_i, a0, a1, a2, a3, zacc, t0, T, start, qpos, KC, KS
             zq = q0T * tl.load(zp + offs_q).to(tl.float32)[:, None]
         elif RAW_KEYS:  # codes as 1024 + c (high nibbles 1024 + 16 c): 1/16 into the query, offsets into the bias
             k0, k1 = _codes_raw(kb, BITS, ASM, CDT)
-            qs = (q0T * tl.load(kp + offs_q * PB).to(tl.float32)[:, None]).to(CDT)
+            ks0, ks1 = _phases(tl.load(kp + offs_d).to(tl.float32), PB, DB)
+            kz0, kz1 = _phases(tl.load(zp + offs_d).to(tl.float32), PB, DB)
+            qs = (q0T * ks0[:, None]).to(CDT)
             sT = tl.dot(k0, qs, input_precision=PRECISION)
-            zq = q0T * tl.load(zp + offs_q * PB).to(tl.float32)[:, None] - 1024.0 * qs.to(tl.float32)
+            zq = q0T * kz0[:, None] - 1024.0 * qs.to(tl.float32)
             if PB == 2:
-                qs = (q1T * (tl.load(kp + offs_q * PB + 1).to(tl.float32) * 0.0625)[:, None]).to(CDT)
+                qs = (q1T * (ks1 * 0.0625)[:, None]).to(CDT)
                 sT = tl.dot(k1, qs, acc=sT, input_precision=PRECISION)
-                zq += q1T * tl.load(zp + offs_q * PB + 1).to(tl.float32)[:, None] - 1024.0 * qs.to(tl.float32)
+                zq += q1T * kz1[:, None] - 1024.0 * qs.to(tl.float32)
         else:
             k0, k1 = _codes(kb, BITS, ASM, CDT)
-            qs = (q0T * tl.load(kp + offs_q * PB).to(tl.float32)[:, None]).to(CDT)
+            ks0, ks1 = _phases(tl.load(kp + offs_d).to(tl.float32), PB, DB)
+            kz0, kz1 = _phases(tl.load(zp + offs_d).to(tl.float32), PB, DB)
+            qs = (q0T * ks0[:, None]).to(CDT)
             sT = tl.dot(k0, qs, input_precision=PRECISION)
-            zq = q0T * tl.load(zp + offs_q * PB).to(tl.float32)[:, None]
+            zq = q0T * kz0[:, None]
             if PB == 2:
-                qs = (q1T * tl.load(kp + offs_q * PB + 1).to(tl.float32)[:, None]).to(CDT)
+                qs = (q1T * ks1[:, None]).to(CDT)
                 sT = tl.dot(k1, qs, acc=sT, input_precision=PRECISION)
-                zq += q1T * tl.load(zp + offs_q * PB + 1).to(tl.float32)[:, None]
+                zq += q1T * kz1[:, None]
         sT += tl.sum(zq, 0)[None, :]  # q . z (and the raw codes' offsets): one reduction over channels per tile
     else:  # per-token keys: dequantize the tile
         ks = tl.load(KS + rows[:, None] * NG + offs_g[None, :], mask=n_ok[:, None], other=0).to(tl.float32)
@@ -890,7 +926,10 @@ def _tile_t(q0T, q1T, m_i, l_i, a0, a1, a2, a3, zacc, t0, T, start, qpos, KC, KS
     vzT = tl.load(VZ + rows[None, :] * NG + offs_z[:, None], mask=n_ok[None, :] & (offs_z < NG)[:, None],
                   other=0).to(VDT)
     zacc = zacc * alpha[None, :] + tl.dot(vzT, p.to(VDT), input_precision=PRECISION)
-    pcol = t0 // PB + offs_p
+    vs0, vs1, vs2, vs3 = _columns(tl.load(VS + rows[:, None] * NG + offs_z[None, :],
+                                          mask=n_ok[:, None] & (offs_z < NG)[None, :], other=0).to(tl.float32),
+                                  NZ, BLOCK_N)
+    pcol = it * NP + offs_p
     for g in tl.static_range(NG):
         if MASKED:
             vb = tl.load(VC + (vrow0 + g * G + offs_gr)[:, None] * prow + pcol[None, :],
@@ -898,19 +937,14 @@ def _tile_t(q0T, q1T, m_i, l_i, a0, a1, a2, a3, zacc, t0, T, start, qpos, KC, KS
         else:
             vb = tl.load(VC + (vrow0 + g * G + offs_gr)[:, None] * prow + pcol[None, :])
         v = _codes_in_order(vb, BITS, ASM, CDT, G, NP)  # [G, N]: A operand, tokens along K
-        if MASKED:
-            vs = tl.load(VS + rows * NG + g, mask=n_ok, other=0).to(tl.float32)
-        else:
-            vs = tl.load(VS + rows * NG + g).to(tl.float32)
-        pg = (p * vs[:, None]).to(CDT)
         if g == 0:
-            a0 = a0 * alpha[None, :] + tl.dot(v, pg, input_precision=PRECISION)
+            a0 = a0 * alpha[None, :] + tl.dot(v, (p * vs0[:, None]).to(CDT), input_precision=PRECISION)
         elif g == 1:
-            a1 = a1 * alpha[None, :] + tl.dot(v, pg, input_precision=PRECISION)
+            a1 = a1 * alpha[None, :] + tl.dot(v, (p * vs1[:, None]).to(CDT), input_precision=PRECISION)
         elif g == 2:
-            a2 = a2 * alpha[None, :] + tl.dot(v, pg, input_precision=PRECISION)
+            a2 = a2 * alpha[None, :] + tl.dot(v, (p * vs2[:, None]).to(CDT), input_precision=PRECISION)
         else:
-            a3 = a3 * alpha[None, :] + tl.dot(v, pg, input_precision=PRECISION)
+            a3 = a3 * alpha[None, :] + tl.dot(v, (p * vs3[:, None]).to(CDT), input_precision=PRECISION)
     return m_i, l_i, a0, a1, a2, a3, zacc
 
 
@@ -945,7 +979,8 @@ def _decode_split_kernel_v4t(
     offs_n = tl.arange(0, BLOCK_N)
     offs_q = tl.arange(0, QW)
     offs_gc = tl.arange(0, G)
-    offs_z = tl.arange(0, 16)
+    NZ: tl.constexpr = 2 if NG == 1 else NG
+    offs_z = tl.arange(0, NZ)
     row_ok = offs_m < GQ * NQ
     head = pid_bh * GQ + offs_m // NQ
     qi = offs_m % NQ
@@ -969,7 +1004,7 @@ def _decode_split_kernel_v4t(
     a1 = tl.zeros([G, BQ], tl.float32)
     a2 = tl.zeros([G, BQ], tl.float32)
     a3 = tl.zeros([G, BQ], tl.float32)
-    zacc = tl.zeros([16, BQ], tl.float32)  # row g: sum_n p * value_zero[n, g]
+    zacc = tl.zeros([NZ, BQ], tl.float32)  # row g: sum_n p * value_zero[n, g]
     span = TILES_PER_SPLIT * BLOCK_N
     if pid_s < S_HIST:
         lo, hi = _history_range(pid_s, T, span, S_HIST, BLOCK_N, DYN_LEN)
@@ -982,15 +1017,14 @@ def _decode_split_kernel_v4t(
         prow = P16 * 16
         vrow0 = pid_bh.to(tl.int64) * D
         for it in range(lo_t, hi_t):
-            t0 = it * BLOCK_N
             if PEEL and (it >= in_lo) & (it < in_hi):
                 m_i, l_i, a0, a1, a2, a3, zacc = _tile_t(
-                    q0T, q1T, m_i, l_i, a0, a1, a2, a3, zacc, t0, T, start, qpos, KC, KS, KZ, VC, VS, VZ, bh_t, vrow0,
+                    q0T, q1T, m_i, l_i, a0, a1, a2, a3, zacc, it, T, start, qpos, KC, KS, KZ, VC, VS, VZ, bh_t, vrow0,
                     prow, scaling, softcap, False, BQ, BLOCK_N, D, BITS, G, KEY_PER_CHANNEL, USE_SOFTCAP, ASM, VDT,
                     PRECISION, CDT, KJ, RAW)
             else:
                 m_i, l_i, a0, a1, a2, a3, zacc = _tile_t(
-                    q0T, q1T, m_i, l_i, a0, a1, a2, a3, zacc, t0, T, start, qpos, KC, KS, KZ, VC, VS, VZ, bh_t, vrow0,
+                    q0T, q1T, m_i, l_i, a0, a1, a2, a3, zacc, it, T, start, qpos, KC, KS, KZ, VC, VS, VZ, bh_t, vrow0,
                     prow, scaling, softcap, True, BQ, BLOCK_N, D, BITS, G, KEY_PER_CHANNEL, USE_SOFTCAP, ASM, VDT,
                     PRECISION, CDT, KJ, RAW)
     else:  # residual: full-precision keys and values in channel order
