@@ -1105,7 +1105,7 @@ class DecodeConfig:
     transposed: bool | None = None
     block_q: int = 8
     raw_keys: bool = True
-    peel: bool = True
+    peel: bool = False
 
     def __post_init__(self):
         if self.variant not in (None, 2, 3, 4):
@@ -1126,9 +1126,9 @@ DEFAULTS = {
     (2, 8): dict(num_warps=2, num_stages=3, maxnreg=None, per_sm=8),
     (3, 4): dict(num_warps=2, num_stages=2, maxnreg=168, per_sm=6),
     (3, 8): dict(num_warps=2, num_stages=3, maxnreg=None, per_sm=4),
-    (4, 2): dict(num_warps=2, num_stages=2, maxnreg=168, per_sm=6, k_join=True),
-    (4, 4): dict(num_warps=2, num_stages=2, maxnreg=168, per_sm=6, k_join=False),
-    (4, 8): dict(num_warps=2, num_stages=3, maxnreg=None, per_sm=4, k_join=False),
+    (4, 2): dict(num_warps=2, num_stages=2, maxnreg=168, per_sm=6, k_join=True, transposed=True),
+    (4, 4): dict(num_warps=2, num_stages=2, maxnreg=168, per_sm=6, k_join=False, transposed=True),
+    (4, 8): dict(num_warps=2, num_stages=2, maxnreg=168, per_sm=6, k_join=False, transposed=True),
 }
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
