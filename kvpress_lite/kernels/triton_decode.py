@@ -1118,8 +1118,11 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig.block_n={self.block_n} must be a power of two")
 
 
-# launch defaults per (variant, bits), from the H100/H200 sweeps at 32k x 8 (docs/kernels.md): warps, stages, register
-# cap and the programs per SM it leaves resident (the split rule fills one wave of them)
+# launch defaults per (variant, bits): warps, stages, register cap, and the resident history programs per SM assumed
+# by the split rule (one wave). v3: the H200 sweeps of round 3. v4: the fastest configs measured on an H100 (run 1 of
+# round 4, docs/kernels.md): int4 transposed with 4 warps (0.238 ms at 32k x 8), int8 untransposed with 2 warps
+# (0.238 ms); int2 (no GPU measurement) transposed with 2 warps. The loops' scale/zero loads were changed after that
+# run (contiguous rows instead of strided 2-byte loads): not measured on a GPU yet.
 DEFAULTS = {
     (2, 2): dict(num_warps=2, num_stages=3, maxnreg=None, per_sm=8),
     (2, 4): dict(num_warps=2, num_stages=3, maxnreg=None, per_sm=8),
@@ -1127,8 +1130,8 @@ DEFAULTS = {
     (3, 4): dict(num_warps=2, num_stages=2, maxnreg=168, per_sm=6),
     (3, 8): dict(num_warps=2, num_stages=3, maxnreg=None, per_sm=4),
     (4, 2): dict(num_warps=2, num_stages=2, maxnreg=168, per_sm=6, k_join=True, transposed=True),
-    (4, 4): dict(num_warps=2, num_stages=2, maxnreg=168, per_sm=6, k_join=False, transposed=True),
-    (4, 8): dict(num_warps=2, num_stages=2, maxnreg=168, per_sm=6, k_join=False, transposed=True),
+    (4, 4): dict(num_warps=4, num_stages=2, maxnreg=None, per_sm=4, k_join=False, transposed=True),
+    (4, 8): dict(num_warps=2, num_stages=3, maxnreg=None, per_sm=4, k_join=False, transposed=False),
 }
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
