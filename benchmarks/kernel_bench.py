@@ -85,6 +85,7 @@ def main(argv=None):
     p.add_argument("--configs", default=None, help="JSON list of DecodeConfig kwargs, timed at every shape")
     p.add_argument("--sweep", default=None, help="JSON list of DecodeConfig kwargs timed at the first shape only")
     p.add_argument("--rep", type=int, default=100, help="ms of graph replays per timed config")
+    p.add_argument("--quick", action="store_true", help="the --configs only, no --sweep (gpu_session.sh)")
     p.add_argument("--json", default=None, help="write every measurement here (after every row)")
     args = p.parse_args(argv)
     import triton
@@ -113,7 +114,7 @@ def main(argv=None):
     info.update(copy_bw=copy_bw, copy_ms=t_copy)
     print(f"copy: {t_copy:.3f} ms for 2 x 2 GiB -> {copy_bw / 1e12:.2f} TB/s", flush=True)
     configs = json.loads(args.configs) if args.configs else DEFAULT_CONFIGS
-    sweep = json.loads(args.sweep) if args.sweep else []
+    sweep = json.loads(args.sweep) if args.sweep and not args.quick else []
 
     for si, shape in enumerate(args.shapes):
         b, length = (int(x) for x in shape.split("x"))
