@@ -345,6 +345,17 @@ INTERPRET_CASES += [
      {"layout": "token", "num_splits": 7, "block_n": 16}),
     ("v4-residual-only", 2, 2, 2, 2, 32, 0, 45, 4, 16, "channel", "bfloat16", [0, 9], 0.0, {"layout": "token"}),
     ("v4-fp16-int8", 2, 2, 4, 1, 64, 96, 19, 8, 32, "channel", "float16", [0, 37], 0.0, {"layout": "token"}),
+    # both v4 kernels at every bit width the defaults do not pick, and the peeled loop (interior tiles unmasked)
+    ("v4-untransposed-int4-bf16-q3", 2, 2, 2, 3, 64, 96, 19, 4, 32, "channel", "bfloat16", [0, 37], 0.0,
+     {"layout": "token", "transposed": False}),
+    ("v4-transposed-int8-bf16", 2, 2, 4, 1, 64, 96, 19, 8, 32, "channel", "bfloat16", [0, 37], 0.0,
+     {"layout": "token", "transposed": True}),
+    ("v4-untransposed-int2-token", 2, 2, 2, 1, 64, 77, 19, 2, 32, "token", "float32", [0, 37], 0.0,
+     {"layout": "token", "transposed": False}),
+    ("v4-peeled-int4-bf16", 1, 2, 4, 2, 32, 256, 3, 4, 16, "channel", "bfloat16", [21], 0.0,
+     {"layout": "token", "peel": True, "num_splits": 2, "block_n": 16}),
+    ("v4-peeled-int8-softcap-q16", 1, 2, 1, 16, 32, 128, 0, 8, 16, "channel", "float32", [5], 5.0,
+     {"layout": "token", "peel": True, "num_splits": 3, "block_n": 16}),
 ]
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
 
