@@ -192,7 +192,7 @@ def test_op_cpu_dispatch_and_fake():
 
 # ---------------------------------------------------------------------------------------------- valid lengths
 # (name, b, hkv, gq, nq, d, t_cap, t_valid, r_cap, r_valid, bits, G, key_mode, dtype, kv_start, extra kernel kwargs);
-# the defaults pick v3 for 4/8 bits and v2 for 2 bits
+# the defaults pick v3 for 4/8 bits and v2 for 2 bits; "layout": "token" runs v4 over token-packed values
 LENGTH_CASES = [
     ("b4-channel-q1-start-in-residual", 2, 2, 2, 1, 32, 96, 48, 16, 5, 4, 16, "channel", "float32", [0, 50], {}),
     ("b4-token-q3", 2, 2, 2, 3, 32, 80, 37, 16, 9, 4, 16, "token", "bfloat16", None, {}),
@@ -205,7 +205,10 @@ LENGTH_CASES = [
     ("b4-short-idle-splits", 1, 2, 2, 1, 32, 160, 32, 40, 33, 4, 16, "channel", "float32", [7],
      {"num_splits": 7, "block_n": 16}),
     ("v2-b4-channel-q3", 2, 2, 2, 3, 32, 96, 48, 16, 5, 4, 16, "channel", "float32", [0, 21], {"variant": 2}),
-    ("v1-b8-token-q1", 2, 2, 2, 1, 32, 64, 45, 16, 5, 8, 16, "token", "float32", [0, 21], {"variant": 1}),
+    ("v4-b8-token-q1", 2, 2, 2, 1, 32, 64, 45, 16, 5, 8, 16, "token", "float32", [0, 21], {"layout": "token"}),
+    ("v4-b4-channel-q3", 2, 2, 2, 3, 32, 96, 48, 16, 5, 4, 16, "channel", "bfloat16", [0, 50], {"layout": "token"}),
+    ("v4-b2-token-q1-odd", 2, 2, 2, 1, 32, 80, 37, 16, 9, 2, 16, "token", "float32", None, {"layout": "token"}),
+    ("v4-b4-token-t0", 2, 2, 2, 1, 32, 48, 0, 16, 11, 4, 16, "token", "float32", [0, 3], {"layout": "token"}),
 ]
 
 
@@ -296,8 +299,6 @@ INTERPRET_CASES += [
     ("many-splits", 1, 2, 2, 1, 32, 160, 33, 4, 32, "channel", "float32", [7], 0.0,
      {"num_splits": 7, "block_n": 16}),
     ("plain-convert", 2, 2, 2, 1, 32, 64, 9, 4, 16, "channel", "bfloat16", [0, 3], 0.0, {"magic": False}),
-    ("variant1-int4", 2, 2, 2, 3, 32, 64, 9, 4, 16, "channel", "float32", [0, 3], 0.0, {"variant": 1}),
-    ("variant1-int2-token", 2, 2, 2, 1, 32, 45, 9, 2, 16, "token", "float32", [0, 3], 0.0, {"variant": 1}),
     ("variant2-int4-bf16", 2, 2, 2, 3, 64, 96, 19, 4, 32, "channel", "bfloat16", [0, 37], 0.0, {"variant": 2}),
     ("variant2-int8-fp16-token", 2, 2, 2, 1, 64, 77, 19, 8, 32, "token", "float16", [0, 37], 0.0, {"variant": 2}),
     # v3 (the default where it applies): exact codes, value scales folded into p (the inline-PTX conversion itself
@@ -317,24 +318,77 @@ INTERPRET_CASES += [
      {"variant": 3, "v_join": True}),
     ("v3-padding-into-residual", 2, 1, 4, 1, 32, 32, 20, 8, 16, "channel", "float32", [3, 40], 0.0, {"variant": 3}),
 ]
+# v4: value codes token-packed (layouts.py); "layout": "token" converts the case's values before the call
+for _bits in (8, 4, 2):
+    for _mode in ("channel", "token"):
+        for _gq, _nq in ((1, 1), (4, 3)):
+            _t = 96 if _mode == "channel" else 77  # odd history length for per-token keys: a straddled last byte
+            _dtype = "bfloat16" if _nq > 1 else "float32"
+            INTERPRET_CASES.append((f"v4-b{_bits}-{_mode}-gq{_gq}-q{_nq}-{_dtype}", 2, 2, _gq, _nq, 64, _t, 19, _bits,
+                                    32, _mode, _dtype, [0, 37], 0.0, {"layout": "token"}))
+INTERPRET_CASES += [
+    ("v4-k-join-int4", 2, 2, 2, 1, 64, 96, 19, 4, 32, "channel", "float32", [0, 37], 0.0,
+     {"layout": "token", "k_join": True}),
+    ("v4-k-join-int8-token-keys", 2, 2, 2, 1, 64, 77, 19, 8, 32, "token", "float32", [0, 37], 0.0,
+     {"layout": "token", "k_join": True}),
+    ("v4-reduce-bias", 2, 2, 2, 1, 32, 64, 9, 4, 16, "channel", "float32", [0, 3], 0.0,
+     {"layout": "token", "bias_dot": False}),
+    ("v4-four-value-groups", 1, 2, 2, 1, 64, 64, 9, 4, 16, "channel", "float32", [5], 0.0, {"layout": "token"}),
+    ("v4-eight-value-groups-converted", 1, 2, 2, 1, 128, 32, 9, 4, 16, "channel", "float32", [5], 0.0,
+     {"layout": "token"}),
+    ("v4-padding-into-residual", 2, 1, 4, 1, 32, 32, 20, 8, 16, "channel", "float32", [3, 40], 0.0,
+     {"layout": "token"}),
+    ("v4-all-padding-row-softcap", 2, 1, 2, 3, 32, 32, 5, 4, 16, "channel", "float32", [0, 37], 5.0,
+     {"layout": "token"}),
+    ("v4-history-only-many-splits", 1, 2, 2, 1, 32, 160, 0, 4, 32, "channel", "float32", [7], 0.0,
+     {"layout": "token", "num_splits": 7, "block_n": 16}),
+    ("v4-residual-only", 2, 2, 2, 2, 32, 0, 45, 4, 16, "channel", "bfloat16", [0, 9], 0.0, {"layout": "token"}),
+    ("v4-fp16-int8", 2, 2, 4, 1, 64, 96, 19, 8, 32, "channel", "float16", [0, 37], 0.0, {"layout": "token"}),
+    # both v4 kernels at every bit width the defaults do not pick, and the peeled loop (interior tiles unmasked)
+    ("v4-untransposed-int4-bf16-q3", 2, 2, 2, 3, 64, 96, 19, 4, 32, "channel", "bfloat16", [0, 37], 0.0,
+     {"layout": "token", "transposed": False}),
+    ("v4-transposed-int8-bf16", 2, 2, 4, 1, 64, 96, 19, 8, 32, "channel", "bfloat16", [0, 37], 0.0,
+     {"layout": "token", "transposed": True}),
+    ("v4-untransposed-int2-token", 2, 2, 2, 1, 64, 77, 19, 2, 32, "token", "float32", [0, 37], 0.0,
+     {"layout": "token", "transposed": False}),
+    ("v4-peeled-int4-bf16", 1, 2, 4, 2, 32, 256, 3, 4, 16, "channel", "bfloat16", [21], 0.0,
+     {"layout": "token", "peel": True, "num_splits": 2, "block_n": 16}),
+    ("v4-peeled-int8-softcap-q16", 1, 2, 1, 16, 32, 128, 0, 8, 16, "channel", "float32", [5], 5.0,
+     {"layout": "token", "peel": True, "num_splits": 3, "block_n": 16}),
+]
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
+
+
+def triton_call(inp, kv_start, softcap=0.0, lengths=None, extra=None):
+    """The Triton launcher over `make_inputs`-style keyword arguments: a `PackedKV` (value codes converted to the
+    token layout when `extra["layout"] == "token"`) and a `DecodeConfig` from the other `extra` entries."""
+    from kvpress_lite.kernels import triton_decode
+    from kvpress_lite.kernels.layouts import from_channel_packed
+    from kvpress_lite.kernels.packed import TOKEN_PACKED, PackedKV
+
+    extra = dict(extra or {})
+    layout = extra.pop("layout", "channel")
+    vc = inp["value_codes"]
+    if layout == "token" and vc is not None:
+        vc = from_channel_packed(vc, inp["bits"])
+    packed = PackedKV(inp["key_codes"], inp["key_scale"], inp["key_zero"], vc, inp["value_scale"],
+                      inp["value_zero"], inp["residual_keys"], inp["residual_values"], inp["bits"], inp["group_size"],
+                      inp["key_mode"], lengths, value_layout=TOKEN_PACKED if layout == "token" else "channel")
+    return triton_decode.triton_decode_attention(inp["query"], packed, kv_start, inp["scaling"], softcap,
+                                                 triton_decode.DecodeConfig(**extra))
 
 
 def run_interpret_cases() -> dict:
     """Run every INTERPRET_CASES entry through the Triton kernel and the reference; {name: relative error}."""
     assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before importing triton"
     torch.set_num_threads(1)
-    from kvpress_lite.kernels import triton_decode
-
     results = {}
     for name, b, hkv, gq, nq, d, t, r, bits, gs, mode, dtype, start, cap, extra in INTERPRET_CASES:
         inp = make_inputs(b, hkv, gq, nq, d, t, r, bits, gs, mode, dtype=getattr(torch, dtype), seed=len(results))
         kv_start = None if start is None else torch.tensor(start)
         ref = quantized_decode_attention(**inp, kv_start=kv_start, softcap=cap, impl="torch")
         if extra:
-            args = {k: v for k, v in inp.items() if k != "key_mode"}
-            out = triton_decode.triton_decode_attention(**args, kv_start=kv_start, softcap=cap,
-                                                        key_per_channel=mode == "channel", **extra)
+            out = triton_call(inp, kv_start, cap, extra=extra)
         else:
             out = quantized_decode_attention(**inp, kv_start=kv_start, softcap=cap, impl="triton")
         finite = bool(torch.isfinite(out).all())
@@ -346,9 +400,7 @@ def run_interpret_cases() -> dict:
         cap, lengths, compact, kv_start = _length_case_inputs(case, seed=len(results))
         ref = quantized_decode_attention(**compact, kv_start=kv_start, impl="torch")
         if extra:
-            args = {k: v for k, v in cap.items() if k != "key_mode"}
-            out = triton_decode.triton_decode_attention(**args, kv_start=kv_start, key_per_channel=mode == "channel",
-                                                        lengths=lengths, **extra)
+            out = triton_call(cap, kv_start, lengths=lengths, extra=extra)
         else:
             out = quantized_decode_attention(**cap, kv_start=kv_start, lengths=lengths, impl="triton")
         results["len-" + name] = {"err": rel_err(out, ref), "finite": bool(torch.isfinite(out).all()),
@@ -361,7 +413,10 @@ def run_interpret_cases() -> dict:
 def interpret_results():
     pytest.importorskip("triton", reason="triton is not installed (optional dependency)")
     pytest.importorskip("numpy", reason="Triton's interpreter needs numpy")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    # this checkout first on the path: the script's own folder (tests/) would otherwise leave `kvpress_lite` to
+    # whichever copy is installed
+    path = os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     proc = subprocess.run([sys.executable, __file__, "--interpret"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -406,29 +461,52 @@ def test_triton_kernel_matches_reference_gpu(case):
         assert rel_err(out, ref) < 1e-2
 
 
-V3_GPU_CASES = [  # bits, key_mode, dtype: variant 3 explicitly (inline-PTX code conversion), whatever the default
-    (4, "channel", torch.bfloat16), (4, "token", torch.bfloat16), (4, "channel", torch.float16),
-    (8, "channel", torch.bfloat16), (8, "token", torch.float16), (8, "channel", torch.float16),
+V34_GPU_CASES = [  # variant, bits, key_mode, dtype: v3 / v4 explicitly (inline-PTX code conversion), any default
+    (4, 4, "channel", torch.bfloat16), (4, 8, "channel", torch.bfloat16), (4, 4, "token", torch.bfloat16),
+    (4, 4, "channel", torch.float16), (4, 8, "token", torch.float16), (4, 2, "channel", torch.bfloat16),
+    (3, 4, "channel", torch.bfloat16), (3, 8, "token", torch.float16),
 ]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernel at real shapes)")
-@pytest.mark.parametrize("case", V3_GPU_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_triton_v3_matches_reference_gpu(case):
+@pytest.mark.parametrize("case", V34_GPU_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_triton_v3_v4_match_reference_gpu(case):
     pytest.importorskip("triton", reason="triton is not installed (optional dependency)")
-    from kvpress_lite.kernels import triton_decode
-
-    bits, mode, dtype = case
-    inp = make_inputs(3, 8, 4, 2, 128, 4096, 77, bits, 64, mode, dtype=dtype, device="cuda", seed=bits)
+    variant, bits, mode, dtype = case
+    inp = make_inputs(3, 8, 4, 2, 128, 4096 + (0 if mode == "channel" else 37), 77, bits, 64, mode, dtype=dtype,
+                      device="cuda", seed=bits)
     kv_start = torch.tensor([0, 5, 300], device="cuda")
-    args = {k: v for k, v in inp.items() if k != "key_mode"}
+    layout = {"layout": "token"} if variant == 4 else {}
+    # v4: the default (transposed, raw key codes) and the untransposed kernel
+    options = ({}, {"bias_dot": False}) if variant == 3 else ({}, {"transposed": False})
     for softcap in (0.0, 30.0):
         ref = quantized_decode_attention(**inp, kv_start=kv_start, softcap=softcap, impl="torch")
-        for extra in ({}, {"bias_dot": False}, {"v_join": True}):
-            out = triton_decode.triton_decode_attention(**args, kv_start=kv_start, softcap=softcap,
-                                                        key_per_channel=mode == "channel", variant=3, **extra)
+        for extra in options:
+            out = triton_call(inp, kv_start, softcap, extra={"variant": variant, **layout, **extra})
             assert torch.isfinite(out).all()
             assert rel_err(out, ref) < 1e-2, (softcap, extra, rel_err(out, ref))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernel at real shapes)")
+@pytest.mark.parametrize("key_mode", ["channel", "token"])
+def test_triton_v4_valid_lengths_cuda_graph_gpu(key_mode):
+    """v4 over a token-packed capacity buffer (garbage past the valid tokens), one CUDA graph replayed as the lengths
+    change in place."""
+    pytest.importorskip("triton", reason="triton is not installed (optional dependency)")
+    t_cap, r_cap = 4096, 208
+    cap, lengths, _ = valid_length_inputs(2, 8, 4, 1, 128, t_cap, 3008, r_cap, 150, 4, 64, key_mode, device="cuda",
+                                          seed=5)
+    kv_start = torch.tensor([0, 37], device="cuda")
+    extra = {"layout": "token"}
+    triton_call(cap, kv_start, lengths=lengths, extra=extra)  # compile outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = triton_call(cap, kv_start, lengths=lengths, extra=extra)
+    for tv, rv in ((3008, 150), (0, 150), (1024, 0), (64, 1)):
+        lengths.copy_(torch.tensor([tv, rv]))
+        graph.replay()
+        ref = quantized_decode_attention(**compact_inputs(cap, tv, rv), kv_start=kv_start, impl="torch")
+        assert torch.isfinite(static_out).all() and rel_err(static_out, ref) < 1e-2, (tv, rv)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernel at real shapes)")
@@ -489,3 +567,111 @@ def test_sdpa_impl_softcap_falls_back_to_reference():
     inp = make_inputs(2, 2, 2, 3, 32, 32, 5, 4, 16, "channel", dtype=torch.float32)
     ref = quantized_decode_attention(**inp, softcap=5.0, impl="torch")
     assert torch.equal(quantized_decode_attention(**inp, softcap=5.0, impl="sdpa"), ref)
+
+
+# ---------------------------------------------------------------------------------------------- token layout
+def _codes(b, h, t, d, bits, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 1 << bits, (b, h, t, d), generator=g, dtype=torch.uint8)
+
+
+def _dequant_values(codes, scale, zero, bits, gs):
+    """Dequantized values `[B, H, T, D]` of token-major codes (kivi's per-token groups)."""
+    from kvpress_lite.kivi import dequantize_values, pack
+
+    return dequantize_values(pack(codes, bits), scale, zero, bits, gs).float()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("t", [0, 1, 7, 33, 64])
+def test_token_layout_pack_roundtrip_and_nbytes(bits, t):
+    from kvpress_lite.kernels.layouts import (
+        from_channel_packed,
+        pack_tokens,
+        packed_columns,
+        to_channel_packed,
+        token_packed_nbytes,
+        unpack_tokens,
+    )
+    from kvpress_lite.kivi import pack
+
+    codes = _codes(2, 3, t, 16, bits, seed=t + bits)
+    packed = pack_tokens(codes, bits, capacity=t + 5)
+    assert packed.shape == (2, 3, 16, packed_columns(t + 5, bits)) and packed.shape[3] % 16 == 0
+    assert packed.numel() == token_packed_nbytes(2, 3, 16, t + 5, bits)
+    assert torch.equal(unpack_tokens(packed, bits, t), codes)
+    pb = 8 // bits
+    if t >= pb:  # byte 0 of channel 0 holds tokens 0 .. PB-1, the earliest in the low bits
+        expect = sum(int(codes[0, 0, i, 0]) << (bits * i) for i in range(pb))
+        assert int(packed[0, 0, 0, 0]) == expect
+    assert torch.equal(to_channel_packed(packed, "token", bits, t), pack(codes, bits))
+    assert torch.equal(from_channel_packed(pack(codes, bits), bits, t + 5), packed)
+    with pytest.raises(ValueError, match="bits=3"):
+        pack_tokens(codes, 3)
+    with pytest.raises(ValueError, match="capacity"):
+        pack_tokens(codes, bits, capacity=t - 1) if t else pack_tokens(codes, bits, capacity=-1)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_token_layout_append_and_block_write_match_dequantized(bits):
+    """Appending blocks after any history length (straddled bytes merged, the buffer growing) and writing blocks at
+    any offset of a preallocated buffer equal the same operations on the dequantized values."""
+    from kvpress_lite.kernels.layouts import append_tokens, unpack_tokens, write_tokens
+
+    d, gs = 32, 16
+    g = torch.Generator().manual_seed(bits)
+    blocks = [_codes(2, 2, n, d, bits, seed=i) for i, n in enumerate((13, 8, 8, 64, 3, 8))]
+    scale = torch.rand(2, 2, 96, d // gs, generator=g) + 0.1
+    zero = torch.randn(2, 2, 96, d // gs, generator=g)
+    buf, t = None, 0
+    for blk in blocks:  # history lengths 0, 13 (odd), 21, 29, 93, 96, then 104
+        new = append_tokens(buf, t, blk, bits, grow=32)
+        if buf is not None and new.shape == buf.shape:
+            assert new.data_ptr() == buf.data_ptr()  # room left: written in place, no reallocation
+        buf, t = new, t + blk.shape[2]
+    dense = torch.cat(blocks, 2)[:, :, :96]
+    t = 96
+    got = _dequant_values(unpack_tokens(buf, bits, t), scale, zero, bits, gs)
+    assert torch.equal(got, _dequant_values(dense, scale, zero, bits, gs))
+    # in place at arbitrary offsets of a static buffer, neighbours untouched
+    static = append_tokens(None, 0, dense, bits, grow=128)
+    ptr = static.data_ptr()
+    expect = dense.clone()
+    for off, n in ((0, 8), (5, 3), (37, 16), (95, 1)):
+        blk = _codes(2, 2, n, d, bits, seed=100 + off)
+        assert write_tokens(static, off, blk, bits).data_ptr() == ptr
+        expect[:, :, off:off + n] = blk
+    assert torch.equal(_dequant_values(unpack_tokens(static, bits, 96), scale[:, :, :96], zero[:, :, :96], bits, gs),
+                       _dequant_values(expect, scale[:, :, :96], zero[:, :, :96], bits, gs))
+    with pytest.raises(ValueError, match="do not fit"):
+        write_tokens(static, static.shape[3] * (8 // bits) - 1, blocks[1], bits)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_token_layout_gather_matches_dequantized_and_reference_attention(bits):
+    """Eviction's keep (arbitrary slots per row and head) on the token layout equals the gather of the dequantized
+    values, and the reference attention over it equals the one over the channel layout gathered the same way."""
+    from kvpress_lite.kernels.layouts import gather_tokens, pack_tokens, unpack_tokens
+    from kvpress_lite.kivi import pack
+
+    b, h, t, d, gs = 2, 2, 45, 32, 16
+    inp = make_inputs(b, h, 2, 1, d, t, 5, bits, gs, "token", dtype=torch.float32, seed=bits)
+    codes = _codes(b, h, t, d, bits, seed=7)
+    idx = torch.stack([torch.randperm(t, generator=torch.Generator().manual_seed(i))[:29].sort().values
+                       for i in range(b * h)]).view(b, h, 29)
+    kept = gather_tokens(pack_tokens(codes, bits), t, idx, bits)
+    dense = torch.gather(codes, 2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
+    scale = torch.gather(inp["value_scale"], 2, idx.unsqueeze(-1).expand(-1, -1, -1, d // gs))
+    zero = torch.gather(inp["value_zero"], 2, idx.unsqueeze(-1).expand(-1, -1, -1, d // gs))
+    assert torch.equal(_dequant_values(unpack_tokens(kept, bits, 29), scale, zero, bits, gs),
+                       _dequant_values(dense, scale, zero, bits, gs))
+    ks = torch.gather(inp["key_codes"], 2, idx.unsqueeze(-1).expand(-1, -1, -1, inp["key_codes"].shape[3]))
+    kss = torch.gather(inp["key_scale"], 2, idx.unsqueeze(-1).expand(-1, -1, -1, d // gs))
+    kzz = torch.gather(inp["key_zero"], 2, idx.unsqueeze(-1).expand(-1, -1, -1, d // gs))
+    common = (ks, kss, kzz)
+    tail = (scale, zero, inp["residual_keys"], inp["residual_values"], None, bits, gs, False, inp["scaling"])
+    out_t = reference_decode_attention(inp["query"], *common, kept, *tail, value_layout="token")
+    out_c = reference_decode_attention(inp["query"], *common, pack(dense, bits), *tail)
+    assert torch.equal(out_t, out_c)
+    with pytest.raises(ValueError, match="layout="):
+        reference_decode_attention(inp["query"], *common, kept, *tail, value_layout="tiled")

@@ -8,7 +8,9 @@ Layout of the history tensors (None while the history is empty), `B` rows, `H` K
 capacity, with `lengths`), `D` head_dim, `G` group_size; dequantization is `x = code * scale + zero`:
 - `key_codes` uint8: packed per `key_layout` (see docs/kernels.md); `key_scale` / `key_zero` `[B, H, T/G, D]` for
   `key_mode == "channel"` (KIVI per-channel keys) or `[B, H, T, D/G]` for `"token"`.
-- `value_codes` uint8: packed per `value_layout`; `value_scale` / `value_zero` `[B, H, T, D/G]`.
+- `value_codes` uint8: packed per `value_layout` (`CHANNEL_PACKED` `[B, H, T, D*bits/8]`, or `TOKEN_PACKED`
+  `[B, H, D, P]`, P a multiple of 16 with P * 8/bits >= T: kernels/layouts.py);
+  `value_scale` / `value_zero` `[B, H, T, D/G]`.
 - `residual_keys` / `residual_values` `[B, H, R, D]` in the query's dtype (the full-precision recent window), or None.
 - `lengths`: None, or an int `(2,)` tensor `(T_valid, R_valid)` on the device (static capacity buffers: only the
   first T_valid history and R_valid residual tokens are read; nothing on the host depends on them).
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 CHANNEL_PACKED = "channel"  # `[B, H, T, D * bits / 8]`: consecutive channels of one token per byte, low bits first
+TOKEN_PACKED = "token"  # `[B, H, D, P]`: consecutive tokens of one channel per byte, P % 16 == 0 (kernels/layouts.py)
 KEY_MODES = ("channel", "token")
 
 
@@ -110,4 +113,4 @@ class PackedKV:
                    key_layout=key_layout, value_layout=value_layout)
 
 
-__all__ = ["CHANNEL_PACKED", "KEY_MODES", "PackedKV"]
+__all__ = ["CHANNEL_PACKED", "KEY_MODES", "PackedKV", "TOKEN_PACKED"]

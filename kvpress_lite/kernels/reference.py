@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .packed import PackedKV
+from .layouts import to_channel_packed
+from .packed import CHANNEL_PACKED, PackedKV
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -52,7 +53,10 @@ def valid_history(packed: PackedKV, t: int, dequantize_keys, dequantize_values):
     else:
         keys = dequantize_values(packed.key_codes[:, :, :t], packed.key_scale[:, :, :t], packed.key_zero[:, :, :t],
                                  bits, g)
-    values = dequantize_values(packed.value_codes[:, :, :t], packed.value_scale[:, :, :t],
+    value_codes = packed.value_codes
+    if packed.value_layout != CHANNEL_PACKED:  # token-packed `[B, H, D, P]`: to `[B, H, t, D*bits/8]` first
+        value_codes = to_channel_packed(value_codes, packed.value_layout, bits, t)
+    values = dequantize_values(value_codes[:, :, :t], packed.value_scale[:, :, :t],
                                packed.value_zero[:, :, :t], bits, g)
     return keys, values
 
