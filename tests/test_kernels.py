@@ -668,10 +668,15 @@ def test_token_layout_gather_matches_dequantized_and_reference_attention(bits):
     ks = torch.gather(inp["key_codes"], 2, idx.unsqueeze(-1).expand(-1, -1, -1, inp["key_codes"].shape[3]))
     kss = torch.gather(inp["key_scale"], 2, idx.unsqueeze(-1).expand(-1, -1, -1, d // gs))
     kzz = torch.gather(inp["key_zero"], 2, idx.unsqueeze(-1).expand(-1, -1, -1, d // gs))
-    common = (ks, kss, kzz)
-    tail = (scale, zero, inp["residual_keys"], inp["residual_values"], None, bits, gs, False, inp["scaling"])
-    out_t = reference_decode_attention(inp["query"], *common, kept, *tail, value_layout="token")
-    out_c = reference_decode_attention(inp["query"], *common, pack(dense, bits), *tail)
+    from kvpress_lite.kernels.packed import PackedKV
+    from kvpress_lite.kernels.reference import reference_decode_attention
+
+    def view(value_codes, layout):
+        return PackedKV(ks, kss, kzz, value_codes, scale, zero, inp["residual_keys"], inp["residual_values"], bits, gs,
+                        "token", value_layout=layout)
+
+    out_t = reference_decode_attention(inp["query"], view(kept, "token"), None, inp["scaling"])
+    out_c = reference_decode_attention(inp["query"], view(pack(dense, bits), "channel"), None, inp["scaling"])
     assert torch.equal(out_t, out_c)
     with pytest.raises(ValueError, match="layout="):
-        reference_decode_attention(inp["query"], *common, kept, *tail, value_layout="tiled")
+        reference_decode_attention(inp["query"], view(kept, "tiled"), None, inp["scaling"])
