@@ -26,6 +26,15 @@ def test_bad_dtype_or_device_raise(kwargs, match):
         load_model("smollm2-135m", **kwargs)
 
 
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_cuda_without_a_gpu_fails_before_loading(monkeypatch, device):
+    """No CUDA GPU: a clear error at once, before any weights are read (not torch's assertion after the load)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models_module, "embedded_model_path", lambda name: pytest.fail("weights were looked up"))
+    with pytest.raises(ValueError, match=rf"device='{device}': no CUDA GPU is visible.*accepted here: 'cpu'"):
+        load_model("smollm2-135m", device=device)
+
+
 def test_local_directory_loads(tmp_path, smollm2):
     """Any local directory works: a tiny random model saved with SmolLM2's tokenizer."""
     _, tokenizer = smollm2

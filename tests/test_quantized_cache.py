@@ -65,7 +65,8 @@ def test_layer_reorder_reset_and_crop():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"bits": 3}, r"bits=3 .*accepted values: \[2, 4, 8\]"),
+        ({"bits": 3}, r"bits=3 .*accepted values: \[2, 4, 8\] \(use the `dynamic` strategy"),  # no "or None"
+        ({"bits": None}, r"bits=None .*accepted values: \[2, 4, 8\]"),
         ({"bits": 16}, "bits=16"),
         ({"group_size": 24}, r"group_size=24 must divide head_dim=16.*accepted values: \[1, 2, 4, 8, 16\]"),
         ({"group_size": 0}, "group_size=0"),
