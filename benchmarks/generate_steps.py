@@ -16,10 +16,9 @@ import statistics
 import time
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StaticCache
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StaticCache
 
-from kvpress_lite import QuantizedKVCache, StaticQuantizedKVCache, cache_nbytes
-from kvpress_lite._compat import DynamicCache, cache_kwarg
+from kvpress_lite import QuantizedKVCache, StaticQuantizedKVCache, cache_kwarg, cache_nbytes
 
 
 def _static_quantized(bits):

@@ -15,8 +15,7 @@ import time
 
 import torch
 
-from kvpress_lite._compat import cache_kwarg
-from kvpress_lite.memory import cache_nbytes
+from kvpress_lite import cache_kwarg, cache_nbytes
 
 
 def _sync(device: torch.device) -> None:

@@ -168,7 +168,7 @@ def check_device(device: str) -> None:
                 "accepted here: 'cpu' (or install a CUDA build of torch on a machine with a GPU)"
             )
         if index and int(index) >= count:
-            raise ValueError(f"device={device!r}: only {count} CUDA device(s) visible; accepted: cuda:0..cuda:{count - 1}")
+            raise ValueError(f"device={device!r}: {count} CUDA device(s) visible; accepted: cuda:0..cuda:{count - 1}")
 
 
 def load_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cpu", attn_implementation: str = "sdpa"):
