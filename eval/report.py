@@ -18,7 +18,7 @@ import yaml
 CONVENTIONS = ("\"vs dynamic\" = measured KV bytes / DynamicCache's measured bytes for the same tokens (< 1 is "
                "smaller); \"ppl change\" = perplexity / DynamicCache's perplexity - 1.")
 FIELDS = ("score", "perplexity", "perplexity_delta_vs_dynamic", "perplexity_change_vs_dynamic", "kv_bytes",
-          "kv_bytes_max", "kv_ratio_vs_dynamic",
+          "kv_bytes_mean", "kv_bytes_max", "kv_ratio_vs_dynamic",
           "prefill_tokens_per_s", "decode_tokens_per_s", "wall_time_s", "cache_tokens", "eval_tokens", "n", "seed",
           "config_hash")
 

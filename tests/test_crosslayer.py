@@ -344,3 +344,34 @@ def test_gemma3_generate_modes(gemma3):
     _real_modes(model, tok, share={17: 11}, bits=4)
     with pytest.raises(ValueError, match="sliding_attention"):
         CrossLayerCache(model, pairs=[[4, 5]])
+
+
+def test_crosslayer_modules_import_without_a_cycle():
+    """Every import between the crosslayer modules (lazy ones included) points one way: the plan record does not
+    reach back into the cache that reads it, the calibration sits on top."""
+    import ast
+    import pathlib
+
+    import kvpress_lite.crosslayer as package
+
+    folder = pathlib.Path(package.__file__).parent
+    modules = {p.stem for p in folder.glob("*.py")} - {"__init__"}
+    graph = {}
+    for name in modules:
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        graph[name] = {n.module for n in ast.walk(tree)
+                       if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module in modules}
+    assert graph["plan"] == {"shipped_plans"} and "calibration" in graph and "cache" not in graph["plan"]
+    done, visiting = set(), []
+
+    def visit(name):
+        assert name not in visiting, f"import cycle: {' -> '.join([*visiting, name])}"
+        if name not in done:
+            visiting.append(name)
+            for dep in graph[name]:
+                visit(dep)
+            visiting.pop()
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name)
