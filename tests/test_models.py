@@ -125,10 +125,14 @@ def test_gguf_dtype_advice_is_dropped_only_during_the_load(caplog):
 
     logger = logging.getLogger("transformers.quantizers.quantizer_gguf")
     advice = "Loading a GGUF checkpoint with its weights packed is fastest in float32, and this one was asked for..."
-    with caplog.at_level(logging.WARNING, logger=logger.name):
-        with models_module._quiet_gguf_dtype_advice():
-            logger.warning(advice)
-            logger.warning("another warning")
-        assert [r.getMessage() for r in caplog.records] == ["another warning"]
-        logger.warning(advice)  # outside our load: transformers' advice is untouched
+    logger.addHandler(caplog.handler)  # transformers' loggers do not propagate to the root logger caplog watches
+    try:
+        with caplog.at_level(logging.WARNING, logger=logger.name):
+            with models_module._quiet_gguf_dtype_advice():
+                logger.warning(advice)
+                logger.warning("another warning")
+            assert [r.getMessage() for r in caplog.records] == ["another warning"]
+            logger.warning(advice)  # outside our load: transformers' advice is untouched
+    finally:
+        logger.removeHandler(caplog.handler)
     assert caplog.records[-1].getMessage() == advice and not logger.filters
