@@ -140,7 +140,7 @@ MARKERS = {
     "quantized": "s", "quantized_static": "d", "hf-quantized": "D", "h2o": "o", "h2o average=True": "h", "tova": "^",
     "snapkv": "P", "knorm": "X", "streaming": "v", "random": "<", "crosslayer": "p",
 }
-_SPARE_MARKERS = ">8H*d1234"  # variants without a marker of their own take these, in order of appearance
+_SPARE_MARKERS = ">8H*osD^v<phdPX"  # variants without a marker of their own take these, in order of appearance
 _FALLBACK_COLOURS = ("tab:olive", "darkslateblue", "teal", "maroon", "darkkhaki")
 
 
@@ -248,6 +248,8 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
             if high / low > 2.5:  # e.g. cross-layer caches at +500%: a linear axis would flatten everything else
                 ax.set_yscale("log")
                 ax.set_ylim(low / 1.08, high * 1.08)
+                ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
             else:
                 pad = (high - low) * 0.06 or 0.05 * high
                 ax.set_ylim(low - pad, high + pad)
