@@ -95,3 +95,24 @@ def test_public_api_is_documented(name):
     else:
         assert callable(obj), f"{name} is neither callable nor a registry"
         assert obj.__doc__ and obj.__doc__.strip(), f"{name} has no docstring"
+
+
+def test_a_taken_name_is_refused_and_the_registered_entry_kept():
+    """Registering a policy (or any strategy) under a taken name raises, naming the registered ones, and changes
+    neither `POLICIES` nor `STRATEGIES`: the registries are what user code extends (docs/extending.md)."""
+    from dataclasses import dataclass
+
+    from kvpress_lite import register
+    from kvpress_lite.eviction import POLICIES, EvictionPolicy, register_policy
+
+    before = dict(POLICIES), dict(STRATEGIES)
+    with pytest.raises(ValueError, match=r"strategy 'tova' is already registered; registered strategies: \[.*'tova'"):
+        @register_policy("tova", "a clash")
+        @dataclass
+        class Clash(EvictionPolicy):
+            pass
+    with pytest.raises(ValueError, match="strategy 'dynamic' is already registered"):
+        register("dynamic", "baseline", "a clash")(lambda model: None)
+    assert (dict(POLICIES), dict(STRATEGIES)) == before and POLICIES["tova"].name == "tova"
+    with pytest.raises(ValueError, match="family='nope' is not one of"):
+        register("new", "nope", "x")
