@@ -39,3 +39,27 @@ def test_python_snippets_run_as_written(doc, expected, tmp_path):
     assert proc.returncode == 0, f"{doc}: a snippet failed\n{proc.stderr[-4000:]}"
     if expected:
         assert expected in proc.stdout, proc.stdout
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+@pytest.mark.parametrize("doc", ["README.md", "recipes/README.md", "docs/results.md", "docs/caches.md",
+                                 "docs/extending.md"])
+def test_relative_links_resolve(doc):
+    """Every relative link of these documents points at a file of the repository, and its #anchor at a heading."""
+    path = ROOT / doc
+    links = re.findall(r"\]\(([^)\s]+)\)", path.read_text())
+    assert links
+    for link in links:
+        if link.startswith(("http://", "https://")):
+            continue
+        target, _, anchor = link.partition("#")
+        file = (path.parent / target).resolve() if target else path
+        assert file.exists(), f"{doc}: link {link!r} points at a missing file"
+        if anchor and file.suffix == ".md":
+            headings = [_slug(h) for h in re.findall(r"^#+ (.+)$", file.read_text(), re.M)]
+            assert anchor in headings, f"{doc}: link {link!r}: no heading with that anchor in {file.name}"
