@@ -14,10 +14,9 @@ import argparse
 import time
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
-from kvpress_lite import EvictionCache, cache_nbytes, load_model
-from kvpress_lite._compat import DynamicCache, cache_kwarg
+from kvpress_lite import EvictionCache, cache_kwarg, cache_nbytes, load_model
 
 try:
     from eviction_speed import prompt_ids

@@ -17,9 +17,9 @@ import statistics
 import time
 
 import torch
+from transformers import DynamicCache
 
-from kvpress_lite import EvictionCache, load_model
-from kvpress_lite._compat import DynamicCache, cache_kwarg
+from kvpress_lite import EvictionCache, cache_kwarg, load_model
 
 
 def prompt_ids(tokenizer, n: int) -> torch.Tensor:

@@ -27,10 +27,9 @@ import sys
 import time
 
 import torch
-from transformers import LogitsProcessorList, StaticCache
+from transformers import DynamicCache, LogitsProcessorList, StaticCache
 
-from kvpress_lite import QuantizedKVCache, StaticQuantizedKVCache, cache_nbytes
-from kvpress_lite._compat import DynamicCache, cache_kwarg
+from kvpress_lite import QuantizedKVCache, StaticQuantizedKVCache, cache_kwarg, cache_nbytes
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the checkout's eval/ (not in the wheel)
 from eval.generation import StepClock  # noqa: E402

@@ -32,8 +32,7 @@ import time
 
 import torch
 
-from kvpress_lite import build_cache, cache_nbytes
-from kvpress_lite._compat import cache_kwarg
+from kvpress_lite import build_cache, cache_kwarg, cache_nbytes
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.gpu_decode
     from generate_steps import AGAIN, GENERATE_CACHES, measure_generate, print_table

@@ -18,8 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # eval/ lives in the checkout, not in the wheel
 from eval.text_sources import pydoc_text  # noqa: E402
-from kvpress_lite import QuantizedKVCache, load_model  # noqa: E402
-from kvpress_lite._compat import cache_kwarg  # noqa: E402
+from kvpress_lite import QuantizedKVCache, cache_kwarg, load_model  # noqa: E402
 
 
 def first_divergence(a: torch.Tensor, b: torch.Tensor) -> int:

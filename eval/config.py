@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvpress_lite.models import check_device
+
 from .recipe_io import apply_overrides, read_recipe
 
-DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("bfloat16", "float16", "float32")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
 
@@ -228,8 +229,7 @@ def recipe_from_dict(data: dict, name: str = "") -> Recipe:
         raise ValueError("name: a recipe needs a name (default: its file name)")
     if recipe.dtype not in DTYPES:
         raise ValueError(f"dtype={recipe.dtype!r} is not supported; accepted values: {list(DTYPES)}")
-    if recipe.device.split(":")[0] not in DEVICES:
-        raise ValueError(f"device={recipe.device!r} is not supported; accepted values: {list(DEVICES)} (or cuda:N)")
+    check_device(recipe.device)  # unknown, or cuda without a GPU: fail before any model loads
     if perplexity is not None:
         recipe.perplexity = build(PerplexityConfig, perplexity, "perplexity")
         recipe.perplexity.validate("perplexity")

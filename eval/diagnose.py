@@ -66,8 +66,8 @@ def token_span(tokenizer, prompt: str, at: int, width: int, add_special_tokens: 
 
 @torch.no_grad()
 def diagnose(recipe_path: str, cell: str, label: str, samples: list[int], overrides=()) -> list[dict]:
-    from kvpress_lite import build_cache
-    from kvpress_lite._compat import cache_kwarg, layer_specs
+    from kvpress_lite import build_cache, cache_kwarg
+    from kvpress_lite.cache import ModelGeometry
 
     from . import zoo
     from .config import load_recipe
@@ -82,9 +82,9 @@ def diagnose(recipe_path: str, cell: str, label: str, samples: list[int], overri
         raise ValueError(f"no run {cell}/{label} in {recipe_path}; accepted: {cells}")
     policy, params = run.cache.strategy, dict(run.cache.params)
     model, tokenizer = zoo.load(run.model, run.dtype, recipe.device, "eager")
-    layer_types, _ = layer_specs(model.config)
-    full = [i for i, t in enumerate(layer_types) if t == "full_attention"]
-    kv_heads = model.config.get_text_config().num_key_value_heads
+    geometry = ModelGeometry.of(model.config)
+    full = [i for i, t in enumerate(geometry.layer_types) if t == "full_attention"]
+    kv_heads = geometry.kv_heads
     prompter = Prompter(tokenizer, recipe.chat)
     ratio, sinks, recent = params.pop("ratio", None), params.pop("sinks", 4), params.pop("recent", 16)
     out = []

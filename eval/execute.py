@@ -28,8 +28,9 @@ def make_sample(run: Run, tokenizer, index: int):
     return entry.task.sample(spec.params, Prompter(tokenizer, run.recipe.chat), run.length, depth, haystack, rng, index)
 
 
-def task_shard(run: Run, model, tokenizer, indices: list[int]) -> list[dict]:
-    """Generate and extract answers for `indices`, `batch_size` at a time (left padding), one fresh cache per batch."""
+def task_shard(run: Run, model, tokenizer, indices: list[int], progress=None) -> list[dict]:
+    """Generate and extract answers for `indices`, `batch_size` at a time (left padding), one fresh cache per batch;
+    `progress(n)` (optional) after each batch of n samples."""
     spec, entry = run.part, get_task(run.part.task)
     prompter = Prompter(tokenizer, run.recipe.chat)
     max_new = spec.max_new_tokens or entry.task.max_new_tokens(spec.params)
@@ -52,6 +53,8 @@ def task_shard(run: Run, model, tokenizer, indices: list[int]) -> list[dict]:
                 "prefill_tokens_per_s": out["prefill_tokens"] / out["prefill_s"],
                 "decode_tokens_per_s": out["decode_tokens"] / out["decode_s"] if out["decode_s"] > 0 else None,
             })
+        if progress is not None:
+            progress(len(samples))
     return records
 
 
@@ -69,8 +72,9 @@ def _text_ids(source: str, tokenizer) -> torch.Tensor:
     return _TEXT_IDS[key][1]
 
 
-def perplexity_shard(run: Run, model, tokenizer, indices: list[int]) -> list[dict]:
-    """Perplexity of consecutive text windows `indices` (prefix + eval tokens each), one fresh cache per window."""
+def perplexity_shard(run: Run, model, tokenizer, indices: list[int], progress=None) -> list[dict]:
+    """Perplexity of consecutive text windows `indices` (prefix + eval tokens each), one fresh cache per window;
+    `progress(n)` (optional) after each forward that scored n tokens."""
     cfg = run.part
     ids, width = _text_ids(cfg.source, tokenizer), cfg.prefix_length + cfg.eval_length
     if ids.numel() < width * cfg.windows:
@@ -80,7 +84,7 @@ def perplexity_shard(run: Run, model, tokenizer, indices: list[int]) -> list[dic
     for w in indices:
         cache = build_cache(run.cache.strategy, model, **run.cache.params)
         window = ids[w * width : (w + 1) * width][None]  # [1, prefix + eval]
-        result = perplexity_through_cache(model, window, cache, cfg.prefix_length, cfg.chunk_size)
+        result = perplexity_through_cache(model, window, cache, cfg.prefix_length, cfg.chunk_size, progress)
         records.append({"index": w, **result, "cache_tokens": cache.get_seq_length()})
     return records
 
@@ -95,6 +99,9 @@ def aggregate(run: Run, records: list[dict]) -> dict:
     metrics = {
         "kv_bytes": sum(r["kv_bytes"] for r in records) / len(records),  # mean per sample / window, at the end
         "kv_bytes_max": max(r["kv_bytes_max"] for r in records),  # largest after any forward, per sample / window
+        # perplexity: mean over the states after each forward (a saw-tooth cache compares fairly by it); tasks: None
+        "kv_bytes_mean": (sum(r["kv_bytes_mean"] for r in records) / len(records)
+                          if all("kv_bytes_mean" in r for r in records) else None),
         "cache_tokens": sum(r["cache_tokens"] for r in records),
         "prefill_tokens_per_s": _median(r["prefill_tokens_per_s"] for r in records),
         "decode_tokens_per_s": _median(r["decode_tokens_per_s"] for r in records),

@@ -7,8 +7,7 @@ import time
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from kvpress_lite._compat import cache_kwarg
-from kvpress_lite.memory import cache_nbytes
+from kvpress_lite import cache_kwarg, cache_nbytes
 
 
 class StepClock(LogitsProcessor):

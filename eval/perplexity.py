@@ -15,8 +15,7 @@ import time
 
 import torch
 
-from kvpress_lite._compat import cache_kwarg
-from kvpress_lite.memory import cache_nbytes
+from kvpress_lite import cache_kwarg, cache_nbytes
 
 
 def _sync(device: torch.device) -> None:
@@ -25,7 +24,8 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def perplexity_through_cache(model, input_ids: torch.Tensor, cache, prefix_length: int, chunk_size: int = 1) -> dict:
+def perplexity_through_cache(model, input_ids: torch.Tensor, cache, prefix_length: int, chunk_size: int = 1,
+                             progress=None) -> dict:
     """Perplexity of `input_ids[:, prefix_length:]` given the prefix, fed through `cache`.
 
     Args:
@@ -35,6 +35,7 @@ def perplexity_through_cache(model, input_ids: torch.Tensor, cache, prefix_lengt
         prefix_length: tokens prefilled before evaluation (>= 1).
         chunk_size: tokens per forward after the prefix (1 = token by token, the strictest); the first
             evaluated token goes alone (it ends the prompt, as in `generate`).
+        progress: optional callable, given the number of tokens scored after each forward (a progress bar's update).
     Returns:
         dict with `perplexity`, `nll` (mean per token), `eval_tokens`, `kv_bytes` (after the last chunk),
         `kv_bytes_mean` and `kv_bytes_max` (over the states after each chunk: caches whose size oscillates, e.g.
@@ -71,6 +72,8 @@ def perplexity_through_cache(model, input_ids: torch.Tensor, cache, prefix_lengt
         nll_sum += torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk.flatten(), reduction="sum").item()
         count += chunk.numel()
         last_logits = out.logits[:, -1:]
+        if progress is not None:
+            progress(end - begin)
     nll = nll_sum / count
     return {
         "perplexity": math.exp(nll),

@@ -5,6 +5,7 @@ tokens (< 1 is smaller); "ppl change" = perplexity / DynamicCache's perplexity -
 
     python -m eval.report runs/                      # every recipe under runs/
     python -m eval.report runs/quickstart --push-to-hub user/kvpress-lite-quickstart
+    python -m eval.report results/ --figures docs/results   # the README's and docs/results.md's figures
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import yaml
 CONVENTIONS = ("\"vs dynamic\" = measured KV bytes / DynamicCache's measured bytes for the same tokens (< 1 is "
                "smaller); \"ppl change\" = perplexity / DynamicCache's perplexity - 1.")
 FIELDS = ("score", "perplexity", "perplexity_delta_vs_dynamic", "perplexity_change_vs_dynamic", "kv_bytes",
-          "kv_bytes_max", "kv_ratio_vs_dynamic",
+          "kv_bytes_mean", "kv_bytes_max", "kv_ratio_vs_dynamic",
           "prefill_tokens_per_s", "decode_tokens_per_s", "wall_time_s", "cache_tokens", "eval_tokens", "n", "seed",
           "config_hash")
 
@@ -127,8 +128,20 @@ def detail_table(rows: list[dict]) -> str:
 
 
 SWEPT = ("ratio", "budget")  # the x axis of a family's line: how much is kept
-_BITS_STYLE = {None: ("-", "o"), 8: ("--", "s"), 4: (":", "^"), 2: ("-.", "v")}
-_MARKERS = "oDPXsph*<>"
+BITS_STYLE = {None: "-", 8: "--", 4: ":", 2: "-."}  # line style per storage: bf16/fp32, int8, int4, int2
+# One colour and one marker shape per policy / cache, the same in every plot. A variant of a strategy (other params than
+# the swept amount and bits) keeps the strategy's colour and takes a marker of its own unless listed here.
+COLOURS = {
+    "dynamic": "black", "quantized": "tab:orange", "quantized_static": "goldenrod", "hf-quantized": "tab:red",
+    "h2o": "tab:blue", "h2o average=True": "tab:cyan", "tova": "tab:brown", "snapkv": "tab:green",
+    "knorm": "tab:olive", "streaming": "tab:pink", "random": "tab:gray", "crosslayer": "tab:purple",
+}
+MARKERS = {
+    "quantized": "s", "quantized_static": "d", "hf-quantized": "D", "h2o": "o", "h2o average=True": "h", "tova": "^",
+    "snapkv": "P", "knorm": "X", "streaming": "v", "random": "<", "crosslayer": "p",
+}
+_SPARE_MARKERS = ">8H*osD^v<phdPX"  # variants without a marker of their own take these, in order of appearance
+_FALLBACK_COLOURS = ("tab:olive", "darkslateblue", "teal", "maroon", "darkkhaki")
 
 
 def family(strategy: str, params: str | dict) -> tuple[str, str, int | None]:
@@ -138,6 +151,19 @@ def family(strategy: str, params: str | dict) -> tuple[str, str, int | None]:
     bits = params.pop("bits", None)
     variant = " ".join(f"{k}={v}" for k, v in sorted(params.items()) if k not in SWEPT)
     return strategy, variant, bits
+
+
+def family_style(strategy: str, variant: str, spare: dict) -> tuple[str, str]:
+    """`(colour, marker)` of a family: fixed per strategy (and listed variants) across plots; other variants keep the
+    strategy's colour with a spare marker (`spare` maps the plot's variants to the markers they took)."""
+    key = f"{strategy} {variant}".strip()
+    colour = COLOURS.get(key) or COLOURS.get(strategy)
+    if colour is None:
+        colour = _FALLBACK_COLOURS[sum(map(ord, strategy)) % len(_FALLBACK_COLOURS)]
+    marker = MARKERS.get(key) or (MARKERS.get(strategy, "o") if not variant else None)
+    if marker is None:
+        marker = spare.setdefault(key, _SPARE_MARKERS[len(spare) % len(_SPARE_MARKERS)])
+    return colour, marker
 
 
 def _is_baseline(row: dict) -> bool:
@@ -159,16 +185,30 @@ def _axis_label(cell_rows: list[dict], metric: str) -> str:
     return f"exact match, {task} (n={n_text} samples per point)"
 
 
+def _frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Lower envelope of (bytes ratio, perplexity): the best perplexity reachable at or below each byte ratio."""
+    out, best = [], float("inf")
+    for x, y in sorted(points):
+        if y < best:
+            out.append((x, y))
+            best = y
+    return out
+
+
 def plot(rows: list[dict], folder: Path) -> list[Path]:
-    """Per (model, cell): score or perplexity vs KV ratio. One colour and line per family (strategy + variant),
-    a line style and marker per `bits`, the DynamicCache baseline as a black star and a dashed line, a legend
-    beside the axes naming the swept ratios/budgets (no labels over the points). Equal values stay visible: later
-    families are drawn smaller on top, and exact ties are nudged apart vertically (1.2% of the range per family,
-    noted on the plot)."""
+    """Per (model, cell): score or perplexity vs KV ratio on a log axis (smaller caches to the left, in every plot).
+
+    One colour and marker shape per policy/cache, fixed across plots (`COLOURS`, `MARKERS`); a line style per `bits`;
+    hollow markers, larger for families drawn first, so points on the same spot stay visible (values are never moved);
+    the DynamicCache baseline as a black star and a dashed line; a legend beside the axes naming the swept
+    ratios/budgets. Scores span 0-1 in every plot; perplexity axes fit the data (log when it spans over 2.5x) and show
+    the lower envelope (best perplexity at each byte budget) in grey.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullFormatter
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -181,57 +221,55 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
         others = [r for r in group if not _is_baseline(r)]
         families = sorted({family(r["strategy"], r["params"]) for r in others},
                           key=lambda f: (f[0], f[1], -(f[2] or 99)))  # strategy, its variants, then bits high to low
-        hues = list(dict.fromkeys((f[0], f[1]) for f in families))
-        colors = plt.get_cmap("tab10" if len(hues) <= 10 else "tab20").colors
-        values = [r[metric] for r in group]
-        span = (max(values) - min(values)) or 1.0
-        fig, ax = plt.subplots(figsize=(8, 4.2))
-        # exact ties (knorm and random both at 0.0): the families sharing a point are nudged apart vertically
-        ties: dict = {}
-        for fam in families:
-            for r in others:
-                if family(r["strategy"], r["params"]) == fam:
-                    ties.setdefault((round(r["kv_ratio_vs_dynamic"], 6), round(r[metric], 9)), []).append(fam)
-        nudged = False
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        spare: dict = {}
         for i, fam in enumerate(families):
-            hue = hues.index(fam[:2])
-            style, marker = _BITS_STYLE.get(fam[2], ("-", "o"))
-            marker = marker if fam[2] is not None else _MARKERS[hue % len(_MARKERS)]
+            colour, marker = family_style(fam[0], fam[1], spare)
             members = [r for r in others if family(r["strategy"], r["params"]) == fam]
-            points = []
-            for r in members:
-                x, y = r["kv_ratio_vs_dynamic"], r[metric]
-                tied = ties[(round(x, 6), round(y, 9))]
-                if len(tied) > 1:
-                    y += (tied.index(fam) - (len(tied) - 1) / 2) * 0.012 * span
-                    nudged = True
-                points.append((x, y))
-            points.sort()
+            x, y = zip(*sorted((r["kv_ratio_vs_dynamic"], r[metric]) for r in members))
             swept = [f"{k} " + ", ".join(f"{v:g}" for v in sorted({json.loads(r["params"])[k] for r in members
                                                                  if k in json.loads(r["params"])}))
                      for k in SWEPT if any(k in json.loads(r["params"]) for r in members)]
-            size = max(11 - i * 6 / max(len(families) - 1, 1), 5)  # later families smaller, drawn on top
-            x, y = zip(*points)
-            ax.plot(x, y, ls=style, marker=marker, color=colors[hue % len(colors)], lw=1.6,
-                    ms=size, label=_family_label(*fam) + (f"  ({'; '.join(swept)})" if swept else ""), alpha=0.9,
-                    zorder=2 + i / 100)
+            size = max(13 - i * 7 / max(len(families) - 1, 1), 6)  # first drawn largest: smaller ones sit inside
+            ax.plot(x, y, ls=BITS_STYLE.get(fam[2], "-"), marker=marker, color=colour, lw=1.4, ms=size,
+                    mfc="none", mew=1.8, label=_family_label(*fam) + (f"  ({'; '.join(swept)})" if swept else ""),
+                    zorder=3 + i / 100)
         base = [r for r in group if _is_baseline(r)]
+        values = [r[metric] for r in group]
         if base:
             ax.axhline(base[0][metric], color="black", lw=0.9, ls="--", alpha=0.6)
             ax.scatter([base[0]["kv_ratio_vs_dynamic"]], [base[0][metric]], marker="*", s=220, color="black", zorder=4,
                        label=f"DynamicCache (baseline): {base[0][metric]:.3g}")
-        ax.set_xlabel("KV bytes / DynamicCache bytes (measured; lower = smaller cache)")
+        if metric == "perplexity":
+            env = _frontier([(r["kv_ratio_vs_dynamic"], r[metric]) for r in group])
+            if len(env) > 1:
+                ax.plot(*zip(*env), color="grey", alpha=0.3, lw=6, zorder=1, label="best at each size (envelope)")
+            low, high = min(values), max(values)
+            if high / low > 2.5:  # e.g. cross-layer caches at +500%: a linear axis would flatten everything else
+                ax.set_yscale("log")
+                ax.set_ylim(low / 1.08, high * 1.08)
+                ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            else:
+                pad = (high - low) * 0.06 or 0.05 * high
+                ax.set_ylim(low - pad, high + pad)
+        else:
+            ax.set_ylim(-0.05, 1.05)
+        ax.set_xscale("log")
+        xs = [r["kv_ratio_vs_dynamic"] for r in group]
+        ax.set_xlim(min(xs) / 1.25, max(xs) * 1.25)
+        ticks = [t for t in (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 0.85, 1.0)
+                 if min(xs) / 1.25 <= t <= max(xs) * 1.25]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("KV bytes / DynamicCache bytes (measured, log scale; smaller cache to the left)", fontsize=9)
         ax.set_ylabel(_axis_label(group, metric), fontsize=9)
-        hw = group[0]
-        ax.set_title(f"{model} ({hw['dtype']}) — {cell}", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
-        if nudged:
-            ax.annotate(f"equal values nudged apart by {0.012 * span:.2g} per family", (1.01, 0.0),
-                        xycoords="axes fraction", fontsize=7, color="0.4")
+        ax.set_title(f"{model} ({group[0]['dtype']}) — {cell}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
         path = folder / f"{model.replace('/', '--')}_{cell}_{metric}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend beside the axes included
         plt.close(fig)
         paths.append(path)
     return paths
@@ -291,12 +329,19 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__.splitlines()[0])
     parser.add_argument("runs_dir", help="output folder of `python -m eval` (or one recipe inside it)")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also push each results dataset to this hub repo")
+    parser.add_argument("--figures", metavar="DIR", help="also copy every plot to DIR as <recipe>_<plot>.png")
     args = parser.parse_args(argv)
     written = write_report(args.runs_dir, args.push_to_hub)
     if not written:
         raise SystemExit(f"[eval.report] no finished runs (metrics.json) under {args.runs_dir}")
     for path in written:
         print(f"[eval.report] wrote {path}")
+        if args.figures:
+            import shutil
+
+            Path(args.figures).mkdir(parents=True, exist_ok=True)
+            for png in sorted((path.parent / "plots").glob("*.png")):
+                shutil.copyfile(png, Path(args.figures) / f"{path.parent.parent.name}_{png.name}")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,11 @@ def execute(run: Run, model, tokenizer, state, output_dir: Path, device: str) ->
     shard_fn = perplexity_shard if run.kind == "perplexity" else task_shard
     start = time.perf_counter()
     with MemoryMeter(device) as memory, state.split_between_processes(list(range(n))) as mine:
-        records = shard_fn(run, model, tokenizer, list(mine))
+        # inside the run: scored tokens (perplexity) or samples (tasks) of this process's share
+        units = len(mine) * run.part.eval_length if run.kind == "perplexity" else len(mine)
+        with tqdm(total=units, desc=f"  {run.cell} {run.cache.label}", unit="tok" if run.kind == "perplexity"
+                  else "sample", leave=False, disable=not state.is_main_process) as inner:
+            records = shard_fn(run, model, tokenizer, list(mine), progress=inner.update)
     wall = time.perf_counter() - start
     if state.num_processes > 1:
         records = gather_object(records)

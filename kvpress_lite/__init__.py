@@ -5,6 +5,7 @@ for strategies and results.
 """
 
 from . import baselines  # noqa: F401  (registers the reference caches)
+from ._compat import cache_kwarg
 from .crosslayer import CrossLayerCache
 from .eviction import EvictionCache, HeavyHitterCache
 from .memory import cache_nbytes
@@ -23,6 +24,7 @@ __all__ = [
     "QuantizedKVCache",
     "StaticQuantizedKVCache",
     "build_cache",
+    "cache_kwarg",
     "cache_nbytes",
     "get_strategy",
     "load_model",

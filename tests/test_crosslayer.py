@@ -7,12 +7,14 @@ import math
 import pytest
 import torch
 from conftest import tiny_gemma3, tiny_llama
+from generation_checks import assert_beams_match_teacher_forcing, assert_sampled_from_cache
 
+from kvpress_lite import cache_kwarg
 from kvpress_lite._compat import DynamicCache
 from kvpress_lite.cache import ModelGeometry
 from kvpress_lite.crosslayer import CrossLayerCache, CrossLayerPlan, MergedPair
+from kvpress_lite.crosslayer.calibration import pair_fraction
 from kvpress_lite.crosslayer.merge import slerp, unit
-from kvpress_lite.crosslayer.plan import pair_fraction
 from kvpress_lite.memory import cache_nbytes
 from kvpress_lite.registry import build_cache
 
@@ -223,8 +225,6 @@ def test_plan_round_trip_and_other_model_refused(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- generate modes
 def _generate(model, ids, cache, **kwargs):
-    from kvpress_lite._compat import cache_kwarg
-
     kwargs.setdefault("max_new_tokens", 12)
     kwargs.setdefault("do_sample", False)
     return model.generate(
@@ -248,18 +248,24 @@ def test_generate_modes_tiny(make):
     first = _generate(model, ids, cache := CrossLayerCache(model, **exact), max_new_tokens=6)
     second = _generate(model, torch.cat([first, ref[:, 46:47]], dim=1), cache, max_new_tokens=5)
     assert torch.equal(second[:, :52], ref[:, :52]) and second.shape[1] == 52
-    # beam search and sampling run with real compression
-    beams = _generate(model, ids, CrossLayerCache(model, window=4, block=8, start=1), num_beams=3)
-    assert beams.shape == (1, 52)
+    # beam search: lossless, it equals DynamicCache's; lossy, every beam scores as its tokens teacher-forced through
+    # the same kind of cache (a beam reordered wrongly would read another beam's merged/shared history)
     assert torch.equal(
         _generate(model, ids, CrossLayerCache(model, **exact), num_beams=3),
         _generate(model, ids, DynamicCache(config=model.config), num_beams=3),
     )
+    mask = torch.ones_like(ids)
+    for lossy in (dict(window=4, block=8, start=1), dict(mode="share", start=1)):
+        assert_beams_match_teacher_forcing(model, lambda lossy=lossy: CrossLayerCache(model, **lossy), ids, mask)
+    # sampling: lossless, the same seed samples DynamicCache's tokens; lossy, every sampled token is among the top 5
+    # of the distribution teacher-forced through a fresh cache of the same kind
+    sample = dict(do_sample=True, top_k=5, min_new_tokens=12)
     torch.manual_seed(0)
-    sampled = _generate(
-        model, ids, CrossLayerCache(model, mode="share", start=1), do_sample=True, top_k=5, min_new_tokens=12
-    )
-    assert sampled.shape == (1, 52)
+    ref_sampled = _generate(model, ids, DynamicCache(config=model.config), **sample)
+    torch.manual_seed(0)
+    assert torch.equal(_generate(model, ids, CrossLayerCache(model, **exact), **sample), ref_sampled)
+    sampled = assert_sampled_from_cache(model, lambda: CrossLayerCache(model, mode="share", start=1), ids, mask, 12)
+    assert not torch.equal(sampled, ref_sampled[:, 40:])  # lossy: not DynamicCache's tokens
 
 
 def test_batch_with_left_padding_matches_single_rows():
@@ -268,8 +274,6 @@ def test_batch_with_left_padding_matches_single_rows():
     long, short = torch.randint(3, 128, (1, 40), generator=g), torch.randint(3, 128, (1, 30), generator=g)
     ids = torch.cat([long, torch.cat([torch.zeros(1, 10, dtype=torch.long), short], dim=1)])
     mask = (torch.arange(40) >= torch.tensor([[0], [10]])).long()
-    from kvpress_lite._compat import cache_kwarg
-
     settings = dict(retain=1.0, window=4, block=8, start=1)
     key = cache_kwarg(model)
     batch = model.generate(
@@ -291,9 +295,9 @@ def test_registered():
 
 
 # ---------------------------------------------------------------------------------------------------- real models
-def _real_modes(model, tok, **settings):
-    from kvpress_lite._compat import cache_kwarg
-
+def _real_modes(model, tok, exact: bool = False, **settings):
+    """Batch (rows equal the same prompts run alone: the unpadded row always, every row when `exact`), continuation,
+    reset, beam search and sampling (scores / top-k teacher-forced through the same kind of cache) on a real model."""
     key = cache_kwarg(model)
     prompts = ["The quick brown fox jumps over the lazy dog. " * 12, "Python lists are"]
     tok.padding_side = "left"
@@ -302,7 +306,10 @@ def _real_modes(model, tok, **settings):
     batch = tok(prompts, return_tensors="pt", padding=True)
     common = dict(max_new_tokens=8, pad_token_id=tok.pad_token_id)
     out = model.generate(**batch, do_sample=False, **common, **{key: CrossLayerCache(model, **settings)})
-    assert out.shape[0] == 2
+    for row in range(2) if exact else range(1):
+        alone = model.generate(**tok(prompts[row : row + 1], return_tensors="pt"), do_sample=False, **common,
+                               **{key: CrossLayerCache(model, **settings)})
+        assert torch.equal(out[row, -8:], alone[0, -8:])
     single = tok(prompts[:1], return_tensors="pt")
     cache = CrossLayerCache(model, **settings)
     first = model.generate(**single, do_sample=False, **common, **{key: cache})
@@ -311,8 +318,9 @@ def _real_modes(model, tok, **settings):
     cache.reset()
     again = model.generate(**single, do_sample=False, **common, **{key: cache})
     assert torch.equal(again, first)
-    model.generate(**single, num_beams=2, **common, **{key: CrossLayerCache(model, **settings)})
-    model.generate(**single, do_sample=True, top_k=10, **common, **{key: CrossLayerCache(model, **settings)})
+    make = lambda: CrossLayerCache(model, **settings)
+    assert_beams_match_teacher_forcing(model, make, single.input_ids, single.attention_mask, new_tokens=6, beams=2)
+    assert_sampled_from_cache(model, make, single.input_ids, single.attention_mask, new_tokens=6, top_k=10)
     return first
 
 
@@ -321,7 +329,7 @@ def test_smollm2_generate_modes_and_exactness(smollm2_fp32):
     model, tok = smollm2_fp32
     _real_modes(model, tok, window=16, block=32)
     _real_modes(model, tok, mode="share", bits=4)
-    exact = _real_modes(model, tok, retain=1.0, window=16, block=32)
+    exact = _real_modes(model, tok, exact=True, retain=1.0, window=16, block=32)
     single = tok(["The quick brown fox jumps over the lazy dog. " * 12], return_tensors="pt")
     ref = model.generate(**single, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     assert torch.equal(exact, ref)  # every merged token retained: the merged cache restores exactly
@@ -336,3 +344,34 @@ def test_gemma3_generate_modes(gemma3):
     _real_modes(model, tok, share={17: 11}, bits=4)
     with pytest.raises(ValueError, match="sliding_attention"):
         CrossLayerCache(model, pairs=[[4, 5]])
+
+
+def test_crosslayer_modules_import_without_a_cycle():
+    """Every import between the crosslayer modules (lazy ones included) points one way: the plan record does not
+    reach back into the cache that reads it, the calibration sits on top."""
+    import ast
+    import pathlib
+
+    import kvpress_lite.crosslayer as package
+
+    folder = pathlib.Path(package.__file__).parent
+    modules = {p.stem for p in folder.glob("*.py")} - {"__init__"}
+    graph = {}
+    for name in modules:
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        graph[name] = {n.module for n in ast.walk(tree)
+                       if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module in modules}
+    assert graph["plan"] == {"shipped_plans"} and "calibration" in graph and "cache" not in graph["plan"]
+    done, visiting = set(), []
+
+    def visit(name):
+        assert name not in visiting, f"import cycle: {' -> '.join([*visiting, name])}"
+        if name not in done:
+            visiting.append(name)
+            for dep in graph[name]:
+                visit(dep)
+            visiting.pop()
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name)

@@ -78,3 +78,16 @@ def test_module_entry_point_from_the_checkout():
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("error: ") and "ratio=3" in proc.stderr
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_cuda_without_a_gpu_fails_at_once(capsys, monkeypatch, dry_run):
+    """`device=cuda` on a machine without CUDA: one line naming the key, before any model loads (dry run or not)."""
+    import torch
+
+    from eval import zoo
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(zoo, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    line = _error(capsys, SMOKE, "device=cuda", *(["--dry-run"] if dry_run else []))
+    assert "device='cuda'" in line and "no CUDA GPU" in line and "'cpu'" in line

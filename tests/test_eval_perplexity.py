@@ -20,8 +20,11 @@ def test_dynamic_cache_matches_one_full_forward(chunk_size):
     with torch.no_grad():
         logits = model(ids).logits[:, 11:-1].float()
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 12:].flatten()).item()
-    result = perplexity_through_cache(model, ids, DynamicCache(config=model.config), 12, chunk_size)
+    steps = []
+    result = perplexity_through_cache(model, ids, DynamicCache(config=model.config), 12, chunk_size, steps.append)
     assert result["eval_tokens"] == 2 * 18
+    # progress: one call per forward (the first token alone, then chunks), summing to the scored positions
+    assert steps == [1] + [min(chunk_size, 17 - i) for i in range(0, 17, chunk_size)]
     assert result["nll"] == pytest.approx(expected, abs=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
 

@@ -85,14 +85,47 @@ def test_plot_legend_names_every_family_and_the_baseline(tmp_path, monkeypatch):
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
     (path,) = report.plot(rows, tmp_path)
-    ax = figures[0].axes[0]
+    (_,) = report.plot([r for r in rows if r["strategy"] in ("dynamic", "knorm")], tmp_path / "other")
+    ax, other = figures[0].axes[0], figures[1].axes[0]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend == ["h2o  (ratio 0.2, 0.5)", "h2o average=True  (ratio 0.2, 0.5)", "knorm  (ratio 0.5)",
                       "random  (ratio 0.5)", "DynamicCache (baseline): 1"]
-    lines = [line for line in ax.get_lines() if line.get_label() in legend]
-    assert len({line.get_color() for line in lines}) == 4  # one colour per family
+    lines = {line.get_label().split("  ")[0]: line for line in ax.get_lines() if line.get_label() in legend}
+    assert len({line.get_color() for line in lines.values()}) == 4  # one colour per family
+    assert len({line.get_marker() for line in lines.values()}) == 4  # and one marker shape
+    (knorm_alone,) = [line for line in other.get_lines() if line.get_label().startswith("knorm")]
+    assert knorm_alone.get_color() == lines["knorm"].get_color()  # the same colour whatever else is plotted
+    assert knorm_alone.get_marker() == lines["knorm"].get_marker()
+    # equal scores (knorm and random at 0.0) keep their values and stay visible: hollow, different sizes
+    assert lines["knorm"].get_ydata()[0] == lines["random"].get_ydata()[0] == 0.0
+    assert all(line.get_markerfacecolor() == "none" for line in lines.values())
+    assert lines["knorm"].get_markersize() > lines["random"].get_markersize()
+    assert ax.get_xscale() == "log" and ax.get_ylim() == (-0.05, 1.05)  # scores: the same 0-1 range in every plot
     assert "n=20" in ax.get_ylabel() and "exact match" in ax.get_ylabel()
-    knorm, rand = (next(ln for ln in lines if ln.get_label().startswith(name)).get_ydata()[0]
-                   for name in ("knorm", "random"))
-    assert knorm != rand and abs(knorm - rand) < 0.05  # equal scores stay visible, dodged by less than 5% of the range
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_perplexity_plot_fits_the_data_and_draws_the_envelope(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def row(strategy, params, ratio, ppl):
+        return {"model": "m", "cell": "ppl-512+512", "task": None, "dtype": "bfloat16", "strategy": strategy,
+                "params": json.dumps(params), "label": strategy, "kv_ratio_vs_dynamic": ratio, "score": None, "n": 1,
+                "perplexity": ppl, "eval_tokens": 512}
+
+    rows = [row("dynamic", {}, 1.0, 9.3), row("tova", {"ratio": 0.5}, 0.26, 9.7),
+            row("tova", {"ratio": 0.25}, 0.13, 11.1), row("h2o", {"ratio": 0.5}, 0.27, 13.1),
+            row("h2o", {"ratio": 0.25}, 0.13, 15.7)]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    report.plot(rows, tmp_path)
+    ax = figures[0].axes[0]
+    low, high = ax.get_ylim()
+    assert 8.5 < low < 9.3 and 15.7 < high < 16.5  # fits the values, no empty band
+    left, right = ax.get_xlim()
+    assert 0.09 < left < 0.13 and 1.0 < right < 1.3 and ax.get_xscale() == "log"
+    (envelope,) = [line for line in ax.get_lines() if line.get_label().startswith("best at each size")]
+    assert list(envelope.get_ydata()) == [11.1, 9.7, 9.3]  # the best perplexity reachable at each size

@@ -99,3 +99,39 @@ def test_left_padded_batches_generate_like_batch_one(smoke_run, tmp_path):
         assert {r["batch_rows"] for r in two} == {2}
         assert len({r["prompt_tokens"] for r in two}) > 1  # rows of different lengths: left padding happened
         assert [r["generation"] for r in one] == [r["generation"] for r in two], folder.name
+
+
+def test_progress_moves_inside_each_run(tmp_path, monkeypatch):
+    """Besides the bar over runs, each run has a bar that moves per scored token (perplexity) or per sample (tasks)."""
+    import eval.runner as runner
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, total=None, desc="", unit="it", **kwargs):
+            self.desc, self.total, self.unit, self.updates = desc, total, unit, []
+            bars.append(self)
+
+        def update(self, n=1):
+            self.updates.append(n)
+
+        def set_postfix_str(self, text):
+            pass
+
+        def close(self):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(runner, "tqdm", Recorder)
+    recipe = load_recipe(SMOKE, ["caches.int4=null", "caches.h2o=null", "tasks.passkey.samples=2", "warmup=false"])
+    run_recipe(recipe, tmp_path)
+    outer, inner = bars[0], {b.desc.split()[0]: b for b in bars[1:]}
+    assert outer.unit == "run" and sum(outer.updates) == outer.total == 2
+    ppl, task = inner["ppl-192+64"], inner["passkey-320"]
+    assert ppl.unit == "tok" and ppl.total == 2 * 64 and sum(ppl.updates) == 128 and len(ppl.updates) == 2 * 9
+    assert task.unit == "sample" and task.total == 2 and task.updates == [2]  # one batch of 2

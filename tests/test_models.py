@@ -26,6 +26,15 @@ def test_bad_dtype_or_device_raise(kwargs, match):
         load_model("smollm2-135m", **kwargs)
 
 
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_cuda_without_a_gpu_fails_before_loading(monkeypatch, device):
+    """No CUDA GPU: a clear error at once, before any weights are read (not torch's assertion after the load)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models_module, "embedded_model_path", lambda name: pytest.fail("weights were looked up"))
+    with pytest.raises(ValueError, match=rf"device='{device}': no CUDA GPU is visible.*accepted here: 'cpu'"):
+        load_model("smollm2-135m", device=device)
+
+
 def test_local_directory_loads(tmp_path, smollm2):
     """Any local directory works: a tiny random model saved with SmolLM2's tokenizer."""
     _, tokenizer = smollm2
@@ -116,10 +125,14 @@ def test_gguf_dtype_advice_is_dropped_only_during_the_load(caplog):
 
     logger = logging.getLogger("transformers.quantizers.quantizer_gguf")
     advice = "Loading a GGUF checkpoint with its weights packed is fastest in float32, and this one was asked for..."
-    with caplog.at_level(logging.WARNING, logger=logger.name):
-        with models_module._quiet_gguf_dtype_advice():
-            logger.warning(advice)
-            logger.warning("another warning")
-        assert [r.getMessage() for r in caplog.records] == ["another warning"]
-        logger.warning(advice)  # outside our load: transformers' advice is untouched
+    logger.addHandler(caplog.handler)  # transformers' loggers do not propagate to the root logger caplog watches
+    try:
+        with caplog.at_level(logging.WARNING, logger=logger.name):
+            with models_module._quiet_gguf_dtype_advice():
+                logger.warning(advice)
+                logger.warning("another warning")
+            assert [r.getMessage() for r in caplog.records] == ["another warning"]
+            logger.warning(advice)  # outside our load: transformers' advice is untouched
+    finally:
+        logger.removeHandler(caplog.handler)
     assert caplog.records[-1].getMessage() == advice and not logger.filters

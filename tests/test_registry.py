@@ -8,10 +8,10 @@ import pathlib
 import pytest
 import torch
 from conftest import tiny_gemma3, tiny_llama
+from transformers import Cache, DynamicCache
 
 import kvpress_lite
-from kvpress_lite import STRATEGIES, build_cache, cache_nbytes
-from kvpress_lite._compat import DynamicCache, cache_kwarg
+from kvpress_lite import STRATEGIES, build_cache, cache_kwarg, cache_nbytes
 from kvpress_lite.registry import FAMILIES
 
 README = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
@@ -43,8 +43,12 @@ def test_every_strategy_builds_documents_itself_and_is_in_readme(name):
     params = REQUIRED[strategy.family] if name != "hf-quantized" else {"group_size": 16}
     params = {**params, **STATIC.get(name, {})}
     cache = build_cache(name, model, **params)
+    assert isinstance(cache, Cache)
+    with pytest.raises(ValueError, match=rf"strategy {name!r} got unknown parameter\(s\) \['nope'\]; accepted: "):
+        build_cache(name, model, nope=1, **params)
     out = _generate(model, cache, torch.randint(0, 128, (1, 40)), max_new_tokens=3, do_sample=False)
-    assert out.shape == (1, 43) and cache_nbytes(cache) > 0
+    # the cache holds the logical length (prompt + new tokens but the last), whatever it evicted or merged
+    assert out.shape == (1, 43) and cache.get_seq_length() == 42 and cache_nbytes(cache) > 0
 
 
 LOSSLESS_NAMES = sorted(n for n in STRATEGIES if n not in NOT_LOSSLESS and n != "dynamic")
@@ -91,3 +95,24 @@ def test_public_api_is_documented(name):
     else:
         assert callable(obj), f"{name} is neither callable nor a registry"
         assert obj.__doc__ and obj.__doc__.strip(), f"{name} has no docstring"
+
+
+def test_a_taken_name_is_refused_and_the_registered_entry_kept():
+    """Registering a policy (or any strategy) under a taken name raises, naming the registered ones, and changes
+    neither `POLICIES` nor `STRATEGIES`: the registries are what user code extends (docs/extending.md)."""
+    from dataclasses import dataclass
+
+    from kvpress_lite import register
+    from kvpress_lite.eviction import POLICIES, EvictionPolicy, register_policy
+
+    before = dict(POLICIES), dict(STRATEGIES)
+    with pytest.raises(ValueError, match=r"strategy 'tova' is already registered; registered strategies: \[.*'tova'"):
+        @register_policy("tova", "a clash")
+        @dataclass
+        class Clash(EvictionPolicy):
+            pass
+    with pytest.raises(ValueError, match="strategy 'dynamic' is already registered"):
+        register("dynamic", "baseline", "a clash")(lambda model: None)
+    assert (dict(POLICIES), dict(STRATEGIES)) == before and POLICIES["tova"].name == "tova"
+    with pytest.raises(ValueError, match="family='nope' is not one of"):
+        register("new", "nope", "x")

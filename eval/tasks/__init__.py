@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvpress_lite.registry import Registry
+
 from .base import Prompter, Sample  # noqa: F401  (re-exported)
 
 
@@ -31,16 +33,14 @@ class TaskEntry:
         return self.task.Params(**{**self.defaults, **values})
 
 
-TASKS: dict[str, TaskEntry] = {}
+TASKS: Registry = Registry("task", "tasks")
 
 
 def register_task(name: str, summary: str, **defaults):
     """Decorator registering a task class (or, called again on it, a variant with other defaults)."""
 
     def decorator(task):
-        if name in TASKS:
-            raise ValueError(f"task {name!r} is already registered")
-        TASKS[name] = TaskEntry(name, task(), summary, defaults)
+        TASKS.add(name, TaskEntry(name, task(), summary, defaults))
         return task
 
     return decorator
@@ -48,9 +48,7 @@ def register_task(name: str, summary: str, **defaults):
 
 def get_task(name: str) -> TaskEntry:
     """Look up a task; unknown names raise a ValueError listing the registered ones."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; registered tasks: {sorted(TASKS)}")
-    return TASKS[name]
+    return TASKS.lookup(name)
 
 
 from . import niah, passkey, variable_tracking  # noqa: E402,F401  (register the tasks)

@@ -16,9 +16,6 @@ def register_policy(name: str, summary: str):
     fused path) and the policy's fields."""
 
     def decorator(cls):
-        cls.name = name
-        POLICIES[name] = cls
-
         def factory(model, **params):
             return EvictionCache(model, policy=name, **params)
 
@@ -33,7 +30,9 @@ def register_policy(name: str, summary: str):
         )
         factory.__name__ = factory.__qualname__ = f"{name}_cache"
         factory.__doc__ = f"`EvictionCache(model, policy={name!r}, **params)`: {summary}."
-        register(name, "eviction", summary)(factory)
+        register(name, "eviction", summary)(factory)  # first: a taken name raises before POLICIES changes
+        cls.name = name
+        POLICIES[name] = cls
         return cls
 
     return decorator

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..cache import CompressedCache
 from ..kernels import fused as fused_path
+from ..kivi import SUPPORTED_BITS
 from ..registry import register
 from ..storage import StorageSpec
 from .attached import FusedAttachmentMixin
@@ -54,9 +55,9 @@ class QuantizedKVCache(FusedAttachmentMixin, CompressedCache):
     def __init__(self, model_or_config, bits: int = 4, group_size: int = 64, residual_length: int = 128,
                  fused: bool | None = None, kernel_impl: str = "auto", max_new_tokens: int | None = None,
                  max_cache_len: int | None = None):
-        if bits is None:
-            raise ValueError("bits=None is not supported by QuantizedKVCache; accepted values: [2, 4, 8] "
-                             "(use the `dynamic` strategy for full precision)")
+        if bits is None or isinstance(bits, bool) or bits not in SUPPORTED_BITS:  # before StorageSpec, which takes None
+            raise ValueError(f"bits={bits!r} is not supported by QuantizedKVCache; accepted values: "
+                             f"{list(SUPPORTED_BITS)} (use the `dynamic` strategy for full precision)")
         is_model = self._check_fused_options(model_or_config, fused, kernel_impl)
         self.spec = StorageSpec(bits, group_size, residual_length, key_mode="channel")
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .._compat import static_passthrough_layer
 from ..cache import CompressedCache
 from ..kernels import fused as fused_path
+from ..kivi import SUPPORTED_BITS
 from ..registry import register
 from ..sliding import StaticSlidingWindowKVLayer
 from ..storage import StorageSpec, _positive_int
@@ -48,9 +49,9 @@ class StaticQuantizedKVCache(FusedAttachmentMixin, CompressedCache):
     def __init__(self, model_or_config, bits: int = 4, max_cache_len: int | None = None, group_size: int = 64,
                  residual_length: int = 128, fused: bool | None = None, kernel_impl: str = "auto",
                  max_new_tokens: int | None = None):
-        if bits is None:
-            raise ValueError("bits=None is not supported by StaticQuantizedKVCache; accepted values: [2, 4, 8] "
-                             "(transformers' StaticCache stores full precision)")
+        if bits is None or isinstance(bits, bool) or bits not in SUPPORTED_BITS:  # before StorageSpec, which takes None
+            raise ValueError(f"bits={bits!r} is not supported by StaticQuantizedKVCache; accepted values: "
+                             f"{list(SUPPORTED_BITS)} (transformers' StaticCache stores full precision)")
         if (max_cache_len is None) == (max_new_tokens is None):
             raise ValueError("give exactly one of max_cache_len (tokens to preallocate: prompt length + new tokens) "
                              "and max_new_tokens (the cache is then sized at its first prompt: that prompt's length + "
