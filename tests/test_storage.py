@@ -154,6 +154,27 @@ def test_packed_view_reports_token_packed_values(spec):
     assert packed.value_codes.shape == (B, H, D, packed_columns(t, spec.bits))
 
 
+def test_flat_op_validates_token_packed_values_of_a_storage():
+    """`quantized_decode_attention(..., value_layout="token")` takes a storage's tensors flat (T from the scales) and
+    computes what the seam computes over `packed()`; a wrong shape or layout name raises."""
+    from kvpress_lite.kernels import quantized_decode_attention
+    from kvpress_lite.kernels.reference import reference_decode_attention
+
+    store, _, _ = filled(StorageSpec(4, 8, 4))
+    p = store.packed()
+    query = torch.randn(B, 2 * H, 1, D)
+    flat = dict(key_codes=p.key_codes, key_scale=p.key_scale, key_zero=p.key_zero, value_codes=p.value_codes,
+                value_scale=p.value_scale, value_zero=p.value_zero, residual_keys=p.residual_keys,
+                residual_values=p.residual_values, bits=4, group_size=8, scaling=D ** -0.5, impl="torch")
+    out = quantized_decode_attention(query, **flat, value_layout="token")
+    assert torch.equal(out, reference_decode_attention(query, p, None, D ** -0.5))
+    t = store.quantized_length
+    with pytest.raises(ValueError, match=rf"value_codes has shape .*expected \({B}, {H}, {t}, {D // 2}\)"):
+        quantized_decode_attention(query, **flat)  # channel layout expected: [B, H, T, D / 2]
+    with pytest.raises(ValueError, match="value_layout='rows' is not supported"):
+        quantized_decode_attention(query, **flat, value_layout="rows")
+
+
 def _static_store(bits: int, g: int = 8, r: int = 4, dim: int = D, prompt: int = 21, steps: int = 14, seed: int = 0):
     """A static storage after a prompt (host path) and `steps` compiled-path steps of one token (flush_step +
     append_step, eager here), and a `QuantizedKV` fed the same tokens (flushed after each)."""
