@@ -26,6 +26,7 @@ from .layer_state import BatchStateMixin
 
 KEY_MODES = ("channel", "token")
 TOKEN_FLUSH_BLOCK = 8  # per-token keys: residual tokens are quantized in blocks of 8 (amortizes the history concat)
+VALUE_CODES = 3  # index of the value codes in `QuantizedKV._history()` (token-packed: appended and gathered apart)
 
 
 def _positive_int(name: str, value, minimum: int) -> None:
@@ -235,13 +236,13 @@ class QuantizedKV(KVStorage):
         """Append quantized tokens (`_quantize`'s parts): codes, scales and zeros concatenated along dim 2 (channel
         keys' scale/zero `[B, H, T // G, D]` too), value codes packed by token after the first T (in place while the
         last 16-byte column has room, so the buffer stays `packed_columns(T)` bytes per channel)."""
-        value_codes = append_tokens(self.value_codes, self.quantized_length, parts[3], self.bits, grow=1)
+        value_codes = append_tokens(self.value_codes, self.quantized_length, parts[VALUE_CODES], self.bits, grow=1)
         if self.key_codes is None:
             parts = list(parts)
         else:
-            parts = [None if i == 3 else torch.cat([old, new], dim=2)
+            parts = [None if i == VALUE_CODES else torch.cat([old, new], dim=2)
                      for i, (old, new) in enumerate(zip(self._history(), parts))]
-        parts[3] = value_codes
+        parts[VALUE_CODES] = value_codes
         self._set_history(parts)
 
     def keep(self, index):
@@ -270,11 +271,12 @@ class QuantizedKV(KVStorage):
             parts, value_codes, n = list(self._history()), self.value_codes, T
             if bool((history_index >= T).any()):  # some rows take window tokens into the history
                 window = self._quantize(self.keys, self.values)
-                value_codes, n = append_tokens(value_codes, T, window[3], self.bits, grow=1), T + window[3].shape[2]
-                parts = [None if i == 3 else torch.cat([old, new], dim=2)
+                new_codes = window[VALUE_CODES]  # (B, H, R, D) unpacked
+                value_codes, n = append_tokens(value_codes, T, new_codes, self.bits, grow=1), T + new_codes.shape[2]
+                parts = [None if i == VALUE_CODES else torch.cat([old, new], dim=2)
                          for i, (old, new) in enumerate(zip(parts, window))]
-            parts = [None if i == 3 else gather_slots(p, history_index) for i, p in enumerate(parts)]
-            parts[3] = gather_tokens(value_codes, n, history_index, self.bits)  # token-packed: unpack, gather, repack
+            parts = [None if i == VALUE_CODES else gather_slots(p, history_index) for i, p in enumerate(parts)]
+            parts[VALUE_CODES] = gather_tokens(value_codes, n, history_index, self.bits)  # unpack, gather, repack
             self._set_history(parts)
         else:
             self.key_codes = self.key_scale = self.key_zero = None
