@@ -91,17 +91,19 @@ def dequantize_keys(codes, scale, zero, bits: int, group_size: int) -> torch.Ten
     return torch.addcmul(zero.unsqueeze(3), q.to(scale.dtype), scale.unsqueeze(3)).view(b, h, t, -1)
 
 
-def quantize_values(values: torch.Tensor, bits: int, group_size: int):
+def quantize_values(values: torch.Tensor, bits: int, group_size: int, pack_codes: bool = True):
     """Per-token quantization of `values` `[B, H, T, D]`, groups of `group_size` channels (`D % group_size == 0`).
 
-    Returns codes `[B, H, T, D * bits // 8]` (uint8), scale and zero `[B, H, T, D // group_size]`.
+    Returns codes `[B, H, T, D * bits // 8]` (uint8; `[B, H, T, D]`, one code per byte, with `pack_codes=False`: what
+    the token-packed storages repack, kernels/layouts.py), scale and zero `[B, H, T, D // group_size]`.
     """
     _check(values, bits)
     b, h, t, d = values.shape
     if d % group_size:
         raise ValueError(f"group_size={group_size} must divide head_dim={d} (values are grouped along head_dim)")
     codes, scale, zero = _minmax_quantize(values.view(b, h, t, d // group_size, group_size), 4, bits, values.dtype)
-    return pack(codes.view(b, h, t, d), bits), scale.squeeze(4), zero.squeeze(4)
+    codes = codes.view(b, h, t, d)
+    return pack(codes, bits) if pack_codes else codes, scale.squeeze(4), zero.squeeze(4)
 
 
 def dequantize_values(codes, scale, zero, bits: int, group_size: int) -> torch.Tensor:

@@ -19,12 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.packed import PackedKV
+from .kernels.layouts import append_tokens, gather_tokens, unpack_tokens
+from .kernels.packed import TOKEN_PACKED, PackedKV
 from .kivi import SUPPORTED_BITS, dequantize_keys, dequantize_values, quantize_keys, quantize_values
 from .layer_state import BatchStateMixin
 
 KEY_MODES = ("channel", "token")
 TOKEN_FLUSH_BLOCK = 8  # per-token keys: residual tokens are quantized in blocks of 8 (amortizes the history concat)
+VALUE_CODES = 3  # index of the value codes in `QuantizedKV._history()` (token-packed: appended and gathered apart)
 
 
 def _positive_int(name: str, value, minimum: int) -> None:
@@ -146,8 +148,10 @@ class FullPrecisionKV(KVStorage):
 class QuantizedKV(KVStorage):
     """KIVI storage: quantized history `[B, H, T, ...]` then a full-precision residual `keys`/`values` `[B, H, R', D]`.
 
-    History tensors (None while T == 0): `key_codes`/`value_codes` uint8 `[B, H, T, D * bits // 8]` (packed along
-    head_dim, consecutive channels per byte, low bits first); `value_scale`/`value_zero` `[B, H, T, D // G]`;
+    History tensors (None while T == 0): `key_codes` uint8 `[B, H, T, D * bits // 8]` (packed along head_dim,
+    consecutive channels per byte, low bits first); `value_codes` uint8 token-packed `[B, H, D, P]` (consecutive
+    tokens of one channel per byte, P = `packed_columns(T, bits)`: the layout the decode kernel reads,
+    kernels/layouts.py; T is `value_scale.shape[2]`); `value_scale`/`value_zero` `[B, H, T, D // G]`;
     `key_scale`/`key_zero` `[B, H, T // G, D]` (key_mode "channel") or `[B, H, T, D // G]` ("token"), in the cache
     dtype. x = code * scale + zero.
 
@@ -166,12 +170,13 @@ class QuantizedKV(KVStorage):
 
     # ------------------------------------------------------------------ quantizers of this layout
     def _quantize(self, keys, values):
-        """(key codes, scale, zero, value codes, scale, zero) of `[B, H, n, D]` full-precision tokens."""
+        """(key codes, scale, zero, value codes, scale, zero) of `[B, H, n, D]` full-precision tokens; the value codes
+        unpacked, `[B, H, n, D]` (the history packs them by token)."""
         if self.key_mode == "channel":
             key_parts = quantize_keys(keys, self.bits, self.group_size)
         else:
             key_parts = quantize_values(keys, self.bits, self.group_size)
-        return (*key_parts, *quantize_values(values, self.bits, self.group_size))
+        return (*key_parts, *quantize_values(values, self.bits, self.group_size, pack_codes=False))
 
     def _history(self):
         return (self.key_codes, self.key_scale, self.key_zero, self.value_codes, self.value_scale, self.value_zero)
@@ -196,7 +201,8 @@ class QuantizedKV(KVStorage):
             keys = dequantize_keys(self.key_codes, self.key_scale, self.key_zero, self.bits, self.group_size)
         else:
             keys = dequantize_values(self.key_codes, self.key_scale, self.key_zero, self.bits, self.group_size)
-        values = dequantize_values(self.value_codes, self.value_scale, self.value_zero, self.bits, self.group_size)
+        codes = unpack_tokens(self.value_codes, self.bits, self.quantized_length)  # (B, H, T, D), one code per byte
+        values = dequantize_values(codes, self.value_scale, self.value_zero, 8, self.group_size)  # 8: codes unpacked
         return keys, values
 
     def packed(self) -> PackedKV:
@@ -204,7 +210,7 @@ class QuantizedKV(KVStorage):
         residual = self.keys is not None and self.keys.shape[-2] > 0
         return PackedKV.view(self.key_codes, self.key_scale, self.key_zero, self.value_codes, self.value_scale,
                              self.value_zero, self.keys if residual else None, self.values if residual else None,
-                             self.bits, self.group_size, self.key_mode)
+                             self.bits, self.group_size, self.key_mode, value_layout=TOKEN_PACKED)
 
     # ------------------------------------------------------------------ KVStorage
     def read(self):
@@ -227,11 +233,17 @@ class QuantizedKV(KVStorage):
         self.values = self.values[:, :, n:].clone()
 
     def _append_history(self, parts) -> None:
+        """Append quantized tokens (`_quantize`'s parts): codes, scales and zeros concatenated along dim 2 (channel
+        keys' scale/zero `[B, H, T // G, D]` too), value codes packed by token after the first T (in place while the
+        last 16-byte column has room, so the buffer stays `packed_columns(T)` bytes per channel)."""
+        value_codes = append_tokens(self.value_codes, self.quantized_length, parts[VALUE_CODES], self.bits, grow=1)
         if self.key_codes is None:
-            self._set_history(parts)
-            return
-        key_scale_dim = 2  # channel keys: scale/zero [B, H, T // G, D] also grow along dim 2
-        self._set_history([torch.cat([old, new], dim=key_scale_dim) for old, new in zip(self._history(), parts)])
+            parts = list(parts)
+        else:
+            parts = [None if i == VALUE_CODES else torch.cat([old, new], dim=2)
+                     for i, (old, new) in enumerate(zip(self._history(), parts))]
+        parts[VALUE_CODES] = value_codes
+        self._set_history(parts)
 
     def keep(self, index):
         """Keep slots `index` `[B, H, K]` (sorted).
@@ -256,11 +268,16 @@ class QuantizedKV(KVStorage):
         residual_index = index[..., n_history:] - T  # (B, H, K - T'): all >= 0, every row's history is in [:T']
         if n_history:
             history_index = index[..., :n_history]  # (B, H, T'); entries >= T are residual tokens to quantize
-            parts = self._history()
+            parts, value_codes, n = list(self._history()), self.value_codes, T
             if bool((history_index >= T).any()):  # some rows take window tokens into the history
                 window = self._quantize(self.keys, self.values)
-                parts = [torch.cat([old, new], dim=2) for old, new in zip(parts, window)]
-            self._set_history([gather_slots(p, history_index) for p in parts])
+                new_codes = window[VALUE_CODES]  # (B, H, R, D) unpacked
+                value_codes, n = append_tokens(value_codes, T, new_codes, self.bits, grow=1), T + new_codes.shape[2]
+                parts = [None if i == VALUE_CODES else torch.cat([old, new], dim=2)
+                         for i, (old, new) in enumerate(zip(parts, window))]
+            parts = [None if i == VALUE_CODES else gather_slots(p, history_index) for i, p in enumerate(parts)]
+            parts[VALUE_CODES] = gather_tokens(value_codes, n, history_index, self.bits)  # unpack, gather, repack
+            self._set_history(parts)
         else:
             self.key_codes = self.key_scale = self.key_zero = None
             self.value_codes = self.value_scale = self.value_zero = None

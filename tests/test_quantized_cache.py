@@ -40,9 +40,12 @@ def test_layer_keeps_recent_window_exact_and_quantizes_blocks_once(bits):
 def test_layer_nbytes_match_kivi_arithmetic():
     layer = QuantizedKVLayer(bits=4, group_size=64, residual_length=128)
     layer.update(torch.randn(1, 3, 4096, 64, dtype=torch.bfloat16), torch.randn(1, 3, 4096, 64, dtype=torch.bfloat16))
-    elems = 3 * 64
-    expected = 2 * (3968 * elems * (0.5 + 4 / 64) + 128 * elems * 2)  # keys + values
-    assert cache_nbytes(layer) == pytest.approx(expected, rel=1e-6)
+    from kvpress_lite.kernels.layouts import token_packed_nbytes
+
+    elems, t = 3 * 64, 3968
+    codes = t * elems // 2 + token_packed_nbytes(1, 3, 64, t, 4)  # keys [T, D/2]; values token-packed (1984 B aligned)
+    expected = codes + 2 * t * elems * 4 // 64 + 2 * 128 * elems * 2  # + scales, zeros (bf16), the window
+    assert cache_nbytes(layer) == expected
 
 
 def test_layer_reorder_reset_and_crop():

@@ -270,20 +270,35 @@ def test_bad_input_raises():
         _generate(other, StaticQuantizedKVCache(model, max_cache_len=100, **SMALL), ids, mask, new_tokens=2)
 
 
-def test_registry_and_preallocated_bytes():
-    """Registered as `quantized_static`; its bytes are fixed at allocation and, at 32k tokens, within 0.3x of a
-    bf16 DynamicCache's, preallocation included (int4, G=64, R=128: the int4 cache's own ratio)."""
+@pytest.mark.parametrize("bits, max_cache_len, g", [(4, 32768, 64), (8, 32768, 64), (4, 1010, 16), (2, 1010, 16)])
+def test_registry_and_preallocated_bytes(bits, max_cache_len, g):
+    """Registered as `quantized_static`; its bytes are fixed at allocation, counted exactly (token-packed value codes:
+    D rows of `packed_columns(T_cap)` bytes, 16-byte aligned), and at 32k tokens int4 is within 0.3x of a bf16
+    DynamicCache's, preallocation included (G=64, R=128: the int4 cache's own ratio)."""
     from transformers import LlamaConfig
+
+    from kvpress_lite.kernels.layouts import token_packed_nbytes
 
     config = LlamaConfig(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, hidden_size=512,
                          head_dim=64)
-    cache = build_cache("quantized_static", config, bits=4, max_cache_len=32768)
+    cache = build_cache("quantized_static", config, bits=bits, max_cache_len=max_cache_len, group_size=g)
     assert isinstance(cache, StaticQuantizedKVCache)
     for layer in cache.layers:
         layer.lazy_initialization(*[torch.zeros(1, 2, 0, 64, dtype=torch.bfloat16)] * 2)
-    dynamic_bytes = 2 * 2 * 2 * 32768 * 64 * 2  # layers x (K, V) x heads x tokens x head_dim x bf16
+    h, d = 2, 64
+    t_cap = -(-max_cache_len // g) * g + g  # + one scratch block
+    r_cap = 128 + g - 1 + 16  # residual_length + G - 1 + MAX_STEP
+    per_layer = (h * t_cap * d * bits // 8 + token_packed_nbytes(1, h, d, t_cap, bits)  # key codes, value codes
+                 + 2 * h * (t_cap // g) * d * 2 + 2 * h * t_cap * (d // g) * 2  # key / value scales and zeros (bf16)
+                 + 2 * h * r_cap * d * 2 + 2 * 4)  # the window (bf16), lengths (int32 x 2)
+    assert cache_nbytes(cache) == 2 * per_layer
+    dynamic_bytes = 2 * 2 * h * max_cache_len * d * 2  # layers x (K, V) x heads x tokens x head_dim x bf16
     ratio = cache_nbytes(cache) / dynamic_bytes
-    assert 0.28 < ratio <= 0.3, ratio
+    if g == 16:  # T_cap = 1040 tokens: 520 (int4) / 260 (int2) bytes per channel, padded to 528 / 272
+        assert token_packed_nbytes(1, h, d, t_cap, bits) == h * d * {4: 528, 2: 272}[bits]
+    if max_cache_len == 32768:  # int4 0.288, int8 0.539 (no alignment padding at T_cap = 32832: whole 16-byte rows)
+        assert token_packed_nbytes(1, h, d, t_cap, bits) == h * t_cap * d * bits // 8
+        assert round(ratio, 3) == {4: 0.288, 8: 0.539}[bits] and (bits != 4 or ratio <= 0.3), ratio
 
 
 def _gpu_llama():

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from .dispatch import AUTO, DTYPES, IMPLEMENTATIONS, check_impl, decode
-from .packed import KEY_MODES, PackedKV
+from .layouts import LAYOUTS, packed_columns
+from .packed import CHANNEL_PACKED, KEY_MODES, TOKEN_PACKED, PackedKV
 
 
 @torch.library.custom_op("kvpress_lite::decode_attention", mutates_args=())
@@ -79,6 +80,7 @@ def quantized_decode_attention(
     softcap: float | None = None,
     impl: str = AUTO,
     lengths: torch.Tensor | None = None,
+    value_layout: str = CHANNEL_PACKED,
 ) -> torch.Tensor:
     """Decode attention of `query` over a packed KIVI history followed by a full-precision residual (validated).
 
@@ -88,7 +90,9 @@ def quantized_decode_attention(
         query: `[B, H_q, q, D]`, q <= 16 queries per row (the last q positions; causal among them), GQA
             `H_q = G_q * H_kv`.
         key_codes, value_codes: uint8 `[B, H_kv, T, D * bits / 8]` (None when T == 0), packed along head_dim,
-            consecutive channels per byte, low bits first.
+            consecutive channels per byte, low bits first; with `value_layout="token"` the value codes are
+            token-packed `[B, H_kv, D, P]` (P a multiple of 16 with P * 8 / bits >= T: kernels/layouts.py, what the
+            storages hold).
         key_scale, key_zero: `[B, H_kv, T / G, D]` (key_mode "channel", KIVI) or `[B, H_kv, T, D / G]` ("token").
         value_scale, value_zero: `[B, H_kv, T, D / G]`. Dequantization: x = code * scale + zero.
         residual_keys, residual_values: `[B, H_kv, R', D]` in the query's dtype, or None when R' == 0.
@@ -100,6 +104,7 @@ def quantized_decode_attention(
             mode, static buffers for torch.compile / CUDA graphs): the T and R' dimensions above are then
             capacities of which only the first T_valid history and R_valid residual tokens are read; values are
             clamped to [0, capacity].
+        value_layout: "channel" (default) or "token": how `value_codes` are packed (above).
     Returns:
         `[B, H_q, q, D]` in the query's dtype; a query row that sees no key returns zeros.
     """
@@ -108,6 +113,8 @@ def quantized_decode_attention(
         raise ValueError(f"bits={bits!r} is not supported; accepted values: {list(BITS)}")
     if key_mode not in KEY_MODES:
         raise ValueError(f"key_mode={key_mode!r} is not supported; accepted values: {list(KEY_MODES)}")
+    if value_layout not in LAYOUTS:
+        raise ValueError(f"value_layout={value_layout!r} is not supported; accepted values: {list(LAYOUTS)}")
     if query.dim() != 4 or query.dtype not in DTYPES:
         raise ValueError(f"query must be [B, H_q, q, D] in one of {[str(d) for d in DTYPES]}, got "
                          f"{tuple(query.shape)} {query.dtype}")
@@ -131,7 +138,13 @@ def quantized_decode_attention(
                              f"group_size={group_size}")
         codes_shape = (b, hkv, t, d * bits // 8)
         _check_part("key_codes", key_codes, codes_shape, torch.uint8)
-        _check_part("value_codes", value_codes, codes_shape, torch.uint8)
+        if value_layout == TOKEN_PACKED:  # [B, H, D, P]: T comes from value_scale, P from the capacity
+            p = value_codes.shape[-1] if value_codes is not None and value_codes.dim() == 4 else -1
+            if p < packed_columns(t, bits) or p % 16:
+                p = packed_columns(t, bits)
+            _check_part("value_codes", value_codes, (b, hkv, d, p), torch.uint8)
+        else:
+            _check_part("value_codes", value_codes, codes_shape, torch.uint8)
         token_shape = (b, hkv, t, d // group_size)
         key_param = (b, hkv, t // group_size, d) if per_channel else token_shape
         for name, x, shape in (("key_scale", key_scale, key_param), ("key_zero", key_zero, key_param),
@@ -154,7 +167,8 @@ def quantized_decode_attention(
         raise ValueError(f"lengths must be None or a tensor of shape (2,) = (T_valid, R_valid) with an integer dtype "
                          f"({[str(x) for x in INT_DTYPES]}) on the query's device {query.device}; got {got}")
     packed = PackedKV(key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys,
-                      residual_values, bits=int(bits), group_size=int(group_size), key_mode=key_mode, lengths=lengths)
+                      residual_values, bits=int(bits), group_size=int(group_size), key_mode=key_mode, lengths=lengths,
+                      value_layout=value_layout)
     return decode(query, packed, kv_start, scaling, softcap, impl)
 
 

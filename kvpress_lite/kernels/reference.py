@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .layouts import to_channel_packed
-from .packed import CHANNEL_PACKED, PackedKV
+from .layouts import to_channel_packed, unpack_tokens
+from .packed import TOKEN_PACKED, PackedKV
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -53,11 +53,11 @@ def valid_history(packed: PackedKV, t: int, dequantize_keys, dequantize_values):
     else:
         keys = dequantize_values(packed.key_codes[:, :, :t], packed.key_scale[:, :, :t], packed.key_zero[:, :, :t],
                                  bits, g)
-    value_codes = packed.value_codes
-    if packed.value_layout != CHANNEL_PACKED:  # token-packed `[B, H, D, P]`: to `[B, H, t, D*bits/8]` first
-        value_codes = to_channel_packed(value_codes, packed.value_layout, bits, t)
-    values = dequantize_values(value_codes[:, :, :t], packed.value_scale[:, :, :t],
-                               packed.value_zero[:, :, :t], bits, g)
+    if packed.value_layout == TOKEN_PACKED:  # `[B, H, D, P]` -> codes `[B, H, t, D]`, one per byte: 8-bit dequantizer
+        value_codes, value_bits = unpack_tokens(packed.value_codes, bits, t), 8
+    else:
+        value_codes, value_bits = to_channel_packed(packed.value_codes, packed.value_layout, bits, t), bits
+    values = dequantize_values(value_codes, packed.value_scale[:, :, :t], packed.value_zero[:, :, :t], value_bits, g)
     return keys, values
 
 

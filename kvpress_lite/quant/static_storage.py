@@ -4,8 +4,11 @@ Same layout and the same quantization schedule as `kvpress_lite.storage.Quantize
 values, a full-precision residual of `residual_length` to `residual_length + group_size - 1` recent tokens, blocks of
 `group_size` quantized once when they leave it), but every tensor has a fixed shape and address:
 
-- history `key_codes`/`value_codes` uint8 `[B, H, T_cap, D * bits / 8]`, `key_scale`/`key_zero` `[B, H, T_cap / G, D]`,
-  `value_scale`/`value_zero` `[B, H, T_cap, D / G]`, with `T_cap = ceil(max_cache_len / G) * G + G`;
+- history `key_codes` uint8 `[B, H, T_cap, D * bits / 8]`, `value_codes` uint8 token-packed `[B, H, D,
+  packed_columns(T_cap, bits)]` (the layout the decode kernel reads, kernels/layouts.py; channel-packed `[B, H, T_cap,
+  D * bits / 8]` only when G is not a multiple of 8 / bits, so that a block of G tokens at a multiple of G is whole
+  bytes), `key_scale`/`key_zero` `[B, H, T_cap / G, D]`, `value_scale`/`value_zero` `[B, H, T_cap, D / G]`, with
+  `T_cap = ceil(max_cache_len / G) * G + G`;
 - residual `keys`/`values` `[B, H, R_cap, D]`, `R_cap = residual_length + group_size - 1 + MAX_STEP`;
 - `lengths` int32 `[2]` = (T, R): valid history and residual tokens. Slots past them are garbage, never read.
 
@@ -30,8 +33,9 @@ from __future__ import annotations
 import torch
 
 from .. import _compat
-from ..kernels.packed import PackedKV
-from ..kivi import dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from ..kernels.layouts import packed_columns, unpack_tokens, write_tokens
+from ..kernels.packed import CHANNEL_PACKED, TOKEN_PACKED, PackedKV
+from ..kivi import dequantize_keys, dequantize_values, pack, quantize_keys, quantize_values
 from ..layer_state import MAX_STEP, check_fits
 
 
@@ -70,6 +74,11 @@ class StaticQuantizedKV:
     def group_size(self) -> int:
         return int(self._group_size)
 
+    @property
+    def value_layout(self) -> str:
+        """TOKEN_PACKED when a block of G tokens is whole bytes (G a multiple of 8 / bits), else CHANNEL_PACKED."""
+        return TOKEN_PACKED if self.group_size % (8 // self.bits) == 0 else CHANNEL_PACKED
+
     # ------------------------------------------------------------------ allocation
     @property
     def allocated(self) -> bool:
@@ -81,7 +90,10 @@ class StaticQuantizedKV:
         g, dev, dt = self.group_size, like.device, like.dtype
         tc, rc, db = self.history_capacity, self.residual_capacity, d * self.bits // 8
         self.key_codes = torch.zeros(b, h, tc, db, dtype=torch.uint8, device=dev)
-        self.value_codes = torch.zeros(b, h, tc, db, dtype=torch.uint8, device=dev)
+        if self.value_layout == TOKEN_PACKED:  # (B, H, D, P): tokens packed per channel
+            self.value_codes = torch.zeros(b, h, d, packed_columns(tc, self.bits), dtype=torch.uint8, device=dev)
+        else:
+            self.value_codes = torch.zeros(b, h, tc, db, dtype=torch.uint8, device=dev)
         self.key_scale = torch.zeros(b, h, tc // g, d, dtype=dt, device=dev)
         self.key_zero = torch.zeros(b, h, tc // g, d, dtype=dt, device=dev)
         self.value_scale = torch.zeros(b, h, tc, d // g, dtype=dt, device=dev)
@@ -105,7 +117,7 @@ class StaticQuantizedKV:
         """The decode seam's view: every buffer at its capacity, the valid lengths on the device (`lengths`)."""
         return PackedKV.view(self.key_codes, self.key_scale, self.key_zero, self.value_codes, self.value_scale,
                              self.value_zero, self.keys, self.values, self.bits, self.group_size, self.key_mode,
-                             self.lengths)
+                             self.lengths, value_layout=self.value_layout)
 
     # ------------------------------------------------------------------ host path
     def host_lengths(self) -> tuple[int, int]:
@@ -149,12 +161,16 @@ class StaticQuantizedKV:
     def _write_history(self, t: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Quantize `[B, H, n, D]` full-precision tokens (n a multiple of G) into history slots t .. t + n."""
         n, g = keys.shape[-2], self.group_size
+        token = self.value_layout == TOKEN_PACKED
         kc, ks, kz = quantize_keys(keys, self.bits, g)
-        vc, vs, vz = quantize_values(values, self.bits, g)
+        vc, vs, vz = quantize_values(values, self.bits, g, pack_codes=not token)
         self.key_codes[:, :, t : t + n] = kc
         self.key_scale[:, :, t // g : (t + n) // g] = ks
         self.key_zero[:, :, t // g : (t + n) // g] = kz
-        self.value_codes[:, :, t : t + n] = vc
+        if token:
+            write_tokens(self.value_codes, t, vc, self.bits)
+        else:
+            self.value_codes[:, :, t : t + n] = vc
         self.value_scale[:, :, t : t + n] = vs
         self.value_zero[:, :, t : t + n] = vz
 
@@ -163,8 +179,11 @@ class StaticQuantizedKV:
         g = self.group_size
         keys = dequantize_keys(self.key_codes[:, :, :t], self.key_scale[:, :, : t // g], self.key_zero[:, :, : t // g],
                                self.bits, g)
-        values = dequantize_values(self.value_codes[:, :, :t], self.value_scale[:, :, :t], self.value_zero[:, :, :t],
-                                   self.bits, g)
+        if self.value_layout == TOKEN_PACKED:  # unpacked codes (B, H, t, D): the 8-bit dequantizer reads them as is
+            codes, bits = unpack_tokens(self.value_codes, self.bits, t), 8
+        else:
+            codes, bits = self.value_codes[:, :, :t], self.bits
+        values = dequantize_values(codes, self.value_scale[:, :, :t], self.value_zero[:, :, :t], bits, g)
         return keys, values
 
     # ------------------------------------------------------------------ compiled decode step
@@ -188,12 +207,18 @@ class StaticQuantizedKV:
         g, lengths = self.group_size, self.lengths
         t = lengths[0].long()
         due = lengths[1] >= self.residual_length + g  # 0-dim bool
+        token = self.value_layout == TOKEN_PACKED
         kc, ks, kz = quantize_keys(self.keys[:, :, :g], self.bits, g)
-        vc, vs, vz = quantize_values(self.values[:, :, :g], self.bits, g)
+        vc, vs, vz = quantize_values(self.values[:, :, :g], self.bits, g, pack_codes=not token)
         slots = t + torch.arange(g, device=t.device)
         block = (t // g).reshape(1)
         self.key_codes.index_copy_(2, slots, kc)
-        self.value_codes.index_copy_(2, slots, vc)
+        if token:  # G tokens at t (a multiple of G, so of 8 / bits): whole byte columns t*bits/8 .. (t+G)*bits/8
+            per_byte = 8 // self.bits
+            columns = t // per_byte + torch.arange(g // per_byte, device=t.device)
+            self.value_codes.index_copy_(3, columns, pack(vc.transpose(2, 3).contiguous(), self.bits))  # (B,H,D,G/PB)
+        else:
+            self.value_codes.index_copy_(2, slots, vc)
         self.value_scale.index_copy_(2, slots, vs)
         self.value_zero.index_copy_(2, slots, vz)
         self.key_scale.index_copy_(2, block, ks)
