@@ -247,7 +247,7 @@ def test_bad_input_raises():
         StaticQuantizedKVCache(model, bits=4, max_new_tokens=0)
     with pytest.raises(ValueError, match="max_cache_len=0"):
         StaticQuantizedKVCache(model, bits=4, max_cache_len=0)
-    with pytest.raises(ValueError, 
+    with pytest.raises(ValueError,
                        match=r"bits=3 is not supported by StaticQuantizedKVCache; accepted values: \[2, 4, 8\]"):
         StaticQuantizedKVCache(model, bits=3, max_cache_len=64)
     with pytest.raises(ValueError, match="group_size=64 must divide head_dim=16"):
