@@ -7,6 +7,7 @@ for strategies and results.
 from . import baselines  # noqa: F401  (registers the reference caches)
 from .crosslayer import CrossLayerCache
 from .eviction import EvictionCache, HeavyHitterCache
+from .eviction.fixed_slot_cache import FixedSlotEvictionCache
 from .memory import cache_nbytes
 from .models import EMBEDDED_MODELS, load_model
 from .quant import QuantizedKVCache, StaticQuantizedKVCache
@@ -18,6 +19,7 @@ __all__ = [
     "EMBEDDED_MODELS",
     "CrossLayerCache",
     "EvictionCache",
+    "FixedSlotEvictionCache",
     "HeavyHitterCache",
     "STRATEGIES",
     "QuantizedKVCache",
