@@ -63,6 +63,8 @@ def capacity_row(model, label, factory, compiled, length, batch, tokens, compile
         cache = factory(model, length + tokens + 8)
         ids1 = torch.randint(10, model.config.vocab_size, (1, length), device=device)
         token = prefill(model, cache, ids1)
+        if hasattr(cache, "start_decoding"):
+            cache.start_decoding()  # replicate the compact slots, not the prompt's full-precision storage
         cache.batch_repeat_interleave(batch)
         ids = torch.cat([ids1, token], dim=1).repeat_interleave(batch, 0)
         if device.type == "cuda":
@@ -95,8 +97,8 @@ def capacity(model, label, length, args, compile_config, weights) -> dict:
     if torch.cuda.is_available() and args.device == "cuda":
         probe = capacity_row(model, label, factory, compiled, length, 1, 4, compile_config, weights)
         free = torch.cuda.get_device_properties(0).total_memory - weights - args.margin_gib * 2**30
-        if probe is not None:
-            batch = min(args.max_batch, max(1, int(free / 2**30 / max(probe["peak_gib"], 1e-3))))
+        if probe is not None:  # KV bytes per row, + 30% for the step's transients (dequantized slots, logits)
+            batch = min(args.max_batch, max(1, int(free / 2**30 / max(1.3 * probe["kv_gib"], 1e-3))))
     tried = []
     for _ in range(args.capacity_tries):
         tried.append(batch)

@@ -235,10 +235,30 @@ def test_batch_change_and_multi_token_forwards_while_decoding_raise():
         with pytest.raises(ValueError, match="batch size changed from 2 to 1"):
             model(input_ids=ids[:1, :1], attention_mask=torch.ones(1, 42, dtype=torch.long), **{key: cache})
         cache.layers[0]._pending, cache._last_layer = False, -1  # the failed forward stopped at layer 0
-        with pytest.raises(ValueError, match="cannot batch_select_indices once decoding started"):
-            cache.batch_select_indices(torch.tensor([0]))
         with pytest.raises(ValueError, match="one token per forward"):
             model(input_ids=ids[:, :3], attention_mask=torch.ones(2, 44, dtype=torch.long), **{key: cache})
+        cache.layers[0]._pending, cache._last_layer = False, -1
+
+
+def test_batch_operations_between_steps_reallocate_and_follow():
+    """`batch_repeat_interleave` / `batch_select_indices` after the prompt moved into the slots: new buffers with the
+    rows repeated / selected, and decoding goes on from them exactly as from a cache built for that batch."""
+    model = tiny_llama()
+    ids, mask = left_padded_prompt()
+    key = cache_kwarg(model)
+    with FixedSlotEvictionCache(model, **SMALL) as cache:
+        model(input_ids=ids, attention_mask=mask, **{key: cache})
+        cache.start_decoding()
+        layer = cache.layers[0]
+        before = layer.positions.clone(), layer.store.keys.clone()
+        cache.batch_repeat_interleave(2)
+        assert torch.equal(layer.positions, before[0].repeat_interleave(2, 0))
+        assert torch.equal(layer.store.keys, before[1].repeat_interleave(2, 0))
+        cache.batch_select_indices(torch.tensor([2, 3]))  # both copies of row 1 (the left-padded one)
+        assert torch.equal(layer.positions, before[0][[1, 1]]) and layer.n_pad.tolist() == [5, 5]
+        out = model(input_ids=ids[[1, 1], -1:], attention_mask=torch.cat([mask[[1, 1]], mask[:2, :1]], 1),
+                    **{key: cache})
+    assert torch.equal(out.logits[0], out.logits[1])
 
 
 def test_same_prompt_eviction_as_eviction_cache():

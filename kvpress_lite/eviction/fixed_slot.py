@@ -256,13 +256,25 @@ class FixedSlotLayer(CacheLayerMixin):
             tensor.copy_(tensor.index_select(0, beam_idx.to(tensor.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._before_decoding("batch_repeat_interleave").batch_repeat_interleave(repeats)
+        """Repeat every row `repeats` times (before decoding: the prompt's layer; after: new buffers, eagerly)."""
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0), "batch_repeat_interleave")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._before_decoding("batch_select_indices").batch_select_indices(indices)
+        """Keep rows `indices` (before decoding: the prompt's layer; after: new buffers, eagerly)."""
+        self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices],
+                        "batch_select_indices")
 
-    def _before_decoding(self, what: str) -> EvictionLayer:
-        if self.decoding:
-            raise ValueError(f"FixedSlotEvictionCache cannot {what} once decoding started (its slots are preallocated "
-                             "per row): the batch is fixed; contrastive search and batch selection are not supported")
-        return self.prompt
+    def _map_batch(self, fn, name: str) -> None:
+        """Apply a batch operation: to the prompt's `EvictionLayer`, or to every buffer, which is then reallocated (a
+        host-side operation between compiled steps: the next step compiles again for the new buffers)."""
+        if not self.decoding:
+            self.prompt._map_state(fn)  # BatchStateMixin: what EvictionLayer.batch_* do
+            return
+        if _compat.is_compiling():
+            raise ValueError(f"FixedSlotEvictionCache cannot {name} inside a compiled step (its buffers are fixed)")
+        for holder, names in ((self.store, self.store.state_names), (self, ("positions", "scores", "n_pad"))):
+            for attr in names:
+                tensor = fn(getattr(holder, attr)).contiguous()
+                _compat.mark_static_address(tensor)
+                setattr(holder, attr, tensor)
+        self._like = (self.positions.shape[0], *self._like[1:])

@@ -83,13 +83,18 @@ class FixedSlotEvictionCache(CompressedCache):
         window = kwargs["sliding_window"]
         return StaticSlidingWindowKVLayer(window, window, layer_idx, chunked=layer_type == "chunked_attention")
 
+    def start_decoding(self) -> None:
+        """Move every full-attention layer's prompt into its fixed slots now (host side; `generate` does it before
+        its first decode step); e.g. before `batch_repeat_interleave`, to replicate the slots rather than the prompt."""
+        for layer in self.layers:
+            if isinstance(layer, FixedSlotLayer) and not layer.decoding and layer.prompt.is_initialized:
+                layer.start_decoding()
+
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
-        """Before the first decode step's masks are built (outside any compiled graph), move every full-attention
-        layer's prompt into its fixed slots; then transformers' sizes."""
+        """Before the first decode step's masks are built (outside any compiled graph), `start_decoding`; then
+        transformers' sizes."""
         if query_length == 1 and not _compat.is_compiling():
-            for layer in self.layers:
-                if isinstance(layer, FixedSlotLayer) and not layer.decoding and layer.prompt.is_initialized:
-                    layer.start_decoding()
+            self.start_decoding()
         return super().get_mask_sizes(query_length, layer_idx)
 
     def detach(self) -> None:
