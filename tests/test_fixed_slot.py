@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import greedy_with_logits, left_padded_prompt, tiny_gemma3, tiny_llama
@@ -274,3 +276,25 @@ def test_same_prompt_eviction_as_eviction_cache():
         cache.get_mask_sizes(1, 0)  # what generate's first decode step does: move the prompt into the slots
         for layer, ref_layer in zip(cache.layers, ref.layers):
             assert torch.equal(layer.positions.sort(-1).values, ref_layer.positions)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor's CPU backend needs a C++ compiler")
+def test_inductor_writes_the_slots_in_place():
+    """The compiled step must not copy the preallocated slots: inductor's code for a decode step (CPU backend) holds
+    no loop over a whole keys buffer. Replacing a slot with gather + `scatter_` made inductor copy both buffers every
+    step (3x the memory traffic of reading them); `index_put_` writes in place."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny_llama(num_layers=1, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    config = CompileConfig(backend="inductor", fullgraph=True, mode=None, dynamic=False)
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    with FixedSlotEvictionCache(model, budget=1000, recent=16) as cache:
+        _, code = run_and_get_code(lambda: greedy_with_logits(model, cache, ids, torch.ones_like(ids), 3,
+                                                              compile_config=config))
+        numel = cache.layers[0].store.keys.numel()  # 1 x 2 x 1000 x 64
+    code = "\n".join(code)
+    assert "index_put" in code  # the step's slot writes are in this code
+    assert f"{numel}L" not in code and f"{numel})" not in code

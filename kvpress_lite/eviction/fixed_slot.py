@@ -23,6 +23,7 @@ import torch
 
 from .. import _compat, attention_bridge
 from .._compat import CacheLayerMixin
+from .fixed_slot_store import write_entries
 from .layer import EvictionLayer
 from .policy import EvictionBudget, EvictionPolicy, ScoreInputs
 
@@ -175,9 +176,8 @@ class FixedSlotLayer(CacheLayerMixin):
         target = slot_key.argmin(dim=-1)  # (B, H)
         write = leave_key > slot_key.gather(2, target[..., None])[..., 0]
         self.store.write_slot(target, leave_k, leave_v, write)
-        for meta, new in ((self.positions, leave_pos), (self.scores, leave_score)):
-            old = meta.gather(2, target[..., None])
-            meta.scatter_(2, target[..., None], torch.where(write[..., None], new[..., None], old))
+        write_entries(self.positions, target, leave_pos, write)
+        write_entries(self.scores, target, leave_score, write)
         b, h = key.shape[:2]
         self.store.write_ring(ring.view(1), key[:, :, None], value[:, :, None])
         new_pos = self.length.to(torch.int32).expand(b, h, 1)

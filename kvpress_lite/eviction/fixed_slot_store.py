@@ -19,13 +19,17 @@ from .. import _compat
 from ..kivi import dequantize_values, quantize_values
 
 
-def _scatter_tokens(buffer: torch.Tensor, index: torch.Tensor, tokens: torch.Tensor, write: torch.Tensor) -> None:
-    """`buffer[b, h, index[b, h]] = tokens[b, h]` where `write[b, h]`, in place.
+def write_entries(buffer: torch.Tensor, index: torch.Tensor, tokens: torch.Tensor, write: torch.Tensor) -> None:
+    """`buffer[b, h, index[b, h]] = tokens[b, h]` where `write[b, h]`, in place (an `index_put_`, which inductor
+    writes into the buffer itself; a `scatter_` made it copy the whole buffer every step).
 
-    buffer `[B, H, N, X]`, index `[B, H]` int64, tokens `[B, H, X]`, write `[B, H]` bool."""
-    idx = index[..., None, None].expand(-1, -1, 1, buffer.shape[-1])  # (B, H, 1, X)
-    old = buffer.gather(2, idx)
-    buffer.scatter_(2, idx, torch.where(write[..., None, None], tokens[:, :, None].to(buffer.dtype), old))
+    buffer `[B, H, N, *X]`, index `[B, H]` int64, tokens `[B, H, *X]`, write `[B, H]` bool."""
+    b, h = index.shape
+    rows = torch.arange(b, device=index.device)[:, None].expand(b, h)
+    heads = torch.arange(h, device=index.device)[None, :].expand(b, h)
+    old = buffer[rows, heads, index]  # (B, H, *X)
+    mask = write.view(b, h, *([1] * (old.dim() - 2)))
+    buffer.index_put_((rows, heads, index), torch.where(mask, tokens.to(buffer.dtype), old))
 
 
 class SlotKV:
@@ -52,8 +56,8 @@ class SlotKV:
 
     def write_slot(self, index: torch.Tensor, key: torch.Tensor, value: torch.Tensor, write: torch.Tensor) -> None:
         """Slot `index[b, h]` (< S) takes `key`/`value` `[B, H, D]` where `write[b, h]`."""
-        _scatter_tokens(self.keys, index, key, write)
-        _scatter_tokens(self.values, index, value, write)
+        write_entries(self.keys, index, key, write)
+        write_entries(self.values, index, value, write)
 
     def write_ring(self, ring_index: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Ring entries `ring_index` `[n]` (int64, < W) take `keys`/`values` `[B, H, n, D]`."""
@@ -118,7 +122,7 @@ class QuantizedSlotKV(SlotKV):
     def write_slot(self, index, key, value, write):
         parts = self._codes(key[:, :, None], value[:, :, None])  # each (B, H, 1, X)
         for name, part in zip(self.state_names[:6], parts):
-            _scatter_tokens(getattr(self, name), index, part[:, :, 0], write)
+            write_entries(getattr(self, name), index, part[:, :, 0], write)
 
     def write_ring(self, ring_index, keys, values):
         self.ring_keys.index_copy_(2, ring_index, keys)
