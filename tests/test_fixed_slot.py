@@ -298,3 +298,20 @@ def test_inductor_writes_the_slots_in_place():
     code = "\n".join(code)
     assert "index_put" in code  # the step's slot writes are in this code
     assert f"{numel}L" not in code and f"{numel})" not in code
+
+
+def test_rows_with_fewer_real_tokens_than_the_ring():
+    """A row whose real tokens all fit in the ring (its pads reach the last `recent` positions, and eviction drops
+    them first) still moves into the slots: its real tokens are kept, it decodes like a batch of one."""
+    model = tiny_llama()
+    ids, mask = left_padded_prompt(pad=36)  # row 1: 4 real tokens of 40, ring of 8, budget 16
+    kw = dict(budget=16, sinks=2, recent=8)
+    with FixedSlotEvictionCache(model, **kw) as cache:
+        seq, logits = greedy_with_logits(model, cache, ids, mask, 6)
+    layer = cache.layers[0]
+    real = sorted(p for p in layer.positions[1, 0].tolist() if p >= 36)
+    assert real == list(range(36, 45))  # 4 real prompt tokens + 5 decoded, none evicted
+    with FixedSlotEvictionCache(model, **kw) as cache:
+        seq1, logits1 = greedy_with_logits(model, cache, ids[1:, 36:], mask[1:, 36:], 6)
+    assert torch.equal(seq[1, 36:], seq1[0])
+    torch.testing.assert_close(logits[:, 1], logits1[:, 0], atol=1e-5, rtol=1e-5)

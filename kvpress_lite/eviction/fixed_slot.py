@@ -93,36 +93,39 @@ class FixedSlotLayer(CacheLayerMixin):
         budget = prompt.budget
         if prompt.physical_length > budget:
             prompt.evict(budget)
-        keys, values = prompt.store.read()  # (B, H, P, D), P <= budget, positions increasing
-        b, h, p, _ = keys.shape
-        n_ring = min(w, p)  # the last n_ring positions are L - n_ring .. L - 1 in every row and head (protected)
-        length = prompt.length
-        positions = prompt.positions
+        keys, values = prompt.store.read()  # (B, H, P, D), P <= budget
+        b, h, _, d = keys.shape
+        length, positions = prompt.length, prompt.positions
         if self.policy.uses_attention:
             scores = prompt.scores
         else:
             scores = static_scores(self.policy, keys, values, positions, length)
-        slots = budget - w
+        slots, n = budget - w, budget
+        # destination of each kept token: the last W positions to their ring entry, the others to slots in order.
+        # Older tokens beyond S slots only exist when eviction dropped pads inside the last W positions, i.e. the row
+        # has fewer than W real tokens: then every older token is a pad, and those are dropped (index n, cut below).
+        recent = positions >= length - w  # (B, H, P)
+        rank = (~recent).long().cumsum(dim=-1) - 1
+        dest = torch.where(recent, slots + positions.long() % w, torch.where(rank < slots, rank, n))  # (B, H, P)
+        dense_pos = torch.full((b, h, n + 1), -1, dtype=torch.int32, device=keys.device)
+        dense_pos.scatter_(2, dest, positions)
+        dense_scores = torch.zeros((b, h, n + 1), dtype=torch.float32, device=keys.device)
+        dense_scores.scatter_(2, dest, scores.float())
+        dense_kv = [torch.zeros(b, h, n + 1, d, dtype=t.dtype, device=t.device).scatter_(
+            2, dest[..., None].expand(-1, -1, -1, d), t) for t in (keys, values)]
         if self.store is None or (self.store.slots, self._like) != (slots, (b, h, keys.dtype, keys.device)):
             self._like = (b, h, keys.dtype, keys.device)
             self.store = self.make_store(slots, w)
             self.store.allocate(keys)
-            self.positions = torch.full((b, h, slots + w), -1, dtype=torch.int32, device=keys.device)
-            self.scores = torch.zeros((b, h, slots + w), dtype=torch.float32, device=keys.device)
+            self.positions = torch.empty((b, h, n), dtype=torch.int32, device=keys.device)
+            self.scores = torch.empty((b, h, n), dtype=torch.float32, device=keys.device)
             self.n_pad = torch.zeros(b, dtype=torch.int64, device=keys.device)
             self.length = torch.zeros((), dtype=torch.int64, device=keys.device)
             for t in (self.positions, self.scores, self.n_pad, self.length):
                 _compat.mark_static_address(t)
-        self.positions.fill_(-1)
-        self.scores.zero_()
-        n_slot = p - n_ring
-        self.store.fill_slots(keys[:, :, :n_slot], values[:, :, :n_slot])
-        self.positions[:, :, :n_slot] = positions[:, :, :n_slot]
-        self.scores[:, :, :n_slot] = scores[:, :, :n_slot]
-        ring = torch.arange(length - n_ring, length, device=keys.device) % w  # ring entry of each recent position
-        self.store.write_ring(ring, keys[:, :, n_slot:], values[:, :, n_slot:])
-        self.positions.index_copy_(2, ring + slots, positions[:, :, n_slot:])
-        self.scores.index_copy_(2, ring + slots, scores[:, :, n_slot:].float())
+        self.store.fill(dense_kv[0][:, :, :n], dense_kv[1][:, :, :n])
+        self.positions.copy_(dense_pos[:, :, :n])
+        self.scores.copy_(dense_scores[:, :, :n])
         self.n_pad.copy_(prompt.n_pad)
         self.length.fill_(length)
         prompt.reset()  # frees the prompt's storage; the fixed buffers are all this layer keeps now

@@ -48,11 +48,10 @@ class SlotKV:
             setattr(self, name, torch.zeros(b, h, self.slots + self.window, d, dtype=like.dtype, device=like.device))
             _compat.mark_static_address(getattr(self, name))
 
-    def fill_slots(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write `[B, H, n, D]` tokens into slots `0..n-1` (host path, at the end of the prompt)."""
-        n = keys.shape[2]
-        self.keys[:, :, :n].copy_(keys)
-        self.values[:, :, :n].copy_(values)
+    def fill(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write every entry from dense `[B, H, S + W, D]` keys and values (host path, at the end of the prompt)."""
+        self.keys.copy_(keys)
+        self.values.copy_(values)
 
     def write_slot(self, index: torch.Tensor, key: torch.Tensor, value: torch.Tensor, write: torch.Tensor) -> None:
         """Slot `index[b, h]` (< S) takes `key`/`value` `[B, H, D]` where `write[b, h]`."""
@@ -114,10 +113,12 @@ class QuantizedSlotKV(SlotKV):
         bits, g = self.bits, self.group_size
         return (*quantize_values(keys, bits, g), *quantize_values(values, bits, g))
 
-    def fill_slots(self, keys, values):
-        n = keys.shape[2]
-        for name, part in zip(self.state_names[:6], self._codes(keys, values)):
-            getattr(self, name)[:, :, :n].copy_(part)
+    def fill(self, keys, values):
+        s = self.slots
+        for name, part in zip(self.state_names[:6], self._codes(keys[:, :, :s], values[:, :, :s])):
+            getattr(self, name).copy_(part)
+        self.ring_keys.copy_(keys[:, :, s:])
+        self.ring_values.copy_(values[:, :, s:])
 
     def write_slot(self, index, key, value, write):
         parts = self._codes(key[:, :, None], value[:, :, None])  # each (B, H, 1, X)
