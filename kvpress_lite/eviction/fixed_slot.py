@@ -221,8 +221,9 @@ class FixedSlotLayer(CacheLayerMixin):
         return out.reshape(b, hq, q, d).transpose(1, 2).contiguous(), None
 
     def get_seq_length(self):
-        """Logical length L: an int during the prompt, a 0-dim device tensor while decoding (no host sync)."""
-        return self.length if self.decoding else self.prompt.get_seq_length()
+        """Logical length L: an int during the prompt, a 0-dim device tensor while decoding (no host sync; a copy,
+        as the buffer itself changes in place every step)."""
+        return self.length.clone() if self.decoding else self.prompt.get_seq_length()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """Decode steps: `(S + W, 0)`, a constant (the step builds its own mask); prompt: the `EvictionLayer`'s."""
