@@ -159,8 +159,9 @@ class FixedSlotLayer(CacheLayerMixin):
                              "tokens (assisted/speculative decoding, or a continued prompt): call cache.reset() first")
         if self.decoding and b != self.positions.shape[0]:
             raise ValueError(f"FixedSlotEvictionCache: batch size changed from {self.positions.shape[0]} to {b} "
-                             "during decoding; its slots are preallocated per row (contrastive search and batch "
-                             "selection are not supported): build a new cache")
+                             "during decoding; its slots are preallocated per row (batch_repeat_interleave and "
+                             "batch_select_indices between steps are followed, other batch changes are not): build a "
+                             "new cache")
 
     def _write_step(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Steps 1-2 of the module docstring for one token `[B, H, D]`; fixed shapes, indices on the device."""
