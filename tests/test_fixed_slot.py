@@ -315,3 +315,23 @@ def test_rows_with_fewer_real_tokens_than_the_ring():
         seq1, logits1 = greedy_with_logits(model, cache, ids[1:, 36:], mask[1:, 36:], 6)
     assert torch.equal(seq[1, 36:], seq1[0])
     torch.testing.assert_close(logits[:, 1], logits1[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_eval_harness_runs_the_fixed_slot_strategy(tmp_path):
+    """The harness (smoke recipe, perplexity token by token + a batched passkey with left padding) runs strategy
+    `fixed_slot` and writes its metrics (its `get_seq_length` is a device tensor while decoding)."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "eval", "recipes/smoke.yaml", f"output_dir={tmp_path}",
+                           "caches.int4=null", "caches.h2o.strategy=fixed_slot", "perplexity.chunk_size=1",
+                           "--no-report"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = [json.loads(p.read_text()) for p in tmp_path.glob("smoke/tiny-llama/*/h2o-*/metrics.json")]
+    assert len(metrics) == 2 and all(isinstance(m["cache_tokens"], int) for m in metrics)
+    assert any(m["perplexity"] for m in metrics)
