@@ -39,7 +39,7 @@ def task_shard(run: Run, model, tokenizer, indices: list[int], progress=None) ->
         samples = [make_sample(run, tokenizer, i) for i in indices[start : start + spec.batch_size]]
         cache = build_cache(run.cache.strategy, model, **run.cache.params)
         out = greedy_generate(model, tokenizer, [prompter.encode(s.prompt) for s in samples], cache, max_new)
-        kv_bytes, cache_tokens = cache_nbytes(cache), cache.get_seq_length()
+        kv_bytes, cache_tokens = cache_nbytes(cache), int(cache.get_seq_length())  # a tensor for compileable caches
         for sample, text in zip(samples, out["texts"]):
             extracted = entry.task.extract(text, spec.params)
             records.append({
@@ -85,7 +85,7 @@ def perplexity_shard(run: Run, model, tokenizer, indices: list[int], progress=No
         cache = build_cache(run.cache.strategy, model, **run.cache.params)
         window = ids[w * width : (w + 1) * width][None]  # [1, prefix + eval]
         result = perplexity_through_cache(model, window, cache, cfg.prefix_length, cfg.chunk_size, progress)
-        records.append({"index": w, **result, "cache_tokens": cache.get_seq_length()})
+        records.append({"index": w, **result, "cache_tokens": int(cache.get_seq_length())})
     return records
 
 

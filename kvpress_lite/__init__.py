@@ -8,6 +8,7 @@ from . import baselines  # noqa: F401  (registers the reference caches)
 from ._compat import cache_kwarg
 from .crosslayer import CrossLayerCache
 from .eviction import EvictionCache, HeavyHitterCache
+from .eviction.fixed_slot_cache import FixedSlotEvictionCache
 from .memory import cache_nbytes
 from .models import EMBEDDED_MODELS, load_model
 from .quant import QuantizedKVCache, StaticQuantizedKVCache
@@ -19,6 +20,7 @@ __all__ = [
     "EMBEDDED_MODELS",
     "CrossLayerCache",
     "EvictionCache",
+    "FixedSlotEvictionCache",
     "HeavyHitterCache",
     "STRATEGIES",
     "QuantizedKVCache",

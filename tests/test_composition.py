@@ -14,7 +14,9 @@ from kvpress_lite.quant.static_storage import StaticQuantizedKV
 from kvpress_lite.storage import QuantizedKV
 
 # (strategy, bits) for every kvpress_lite strategy that stores its KV quantized; tiny models have head_dim 16.
-COMPOSABLE = sorted(n for n, s in STRATEGIES.items() if "bits" in s.params and s.family != "baseline")
+# fixed_slot stores bits 8/4 in its own preallocated slots (no residual_length, no int2): tests/test_fixed_slot.py
+COMPOSABLE = sorted(n for n, s in STRATEGIES.items() if "bits" in s.params and s.family != "baseline"
+                    and n != "fixed_slot")
 TINY = {"group_size": 8, "residual_length": 4}
 BUDGET = {"eviction": {"ratio": 0.5}}
 STATIC = {"quantized_static": {"max_cache_len": 64}}  # preallocating caches need their length
