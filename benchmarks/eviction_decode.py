@@ -27,10 +27,17 @@ import torch
 import transformers
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.eviction_decode
-    from generate_steps import GENERATE_CACHES, StepClock, _generate, measure_generate, reset_compiled_state
+    from generate_steps import GENERATE_CACHES, StepClock, _generate, measure_generate, reset_compiled_state, step_ms
     from gpu_decode import build_model, prefill
 except ImportError:  # pragma: no cover
-    from benchmarks.generate_steps import GENERATE_CACHES, StepClock, _generate, measure_generate, reset_compiled_state
+    from benchmarks.generate_steps import (
+        GENERATE_CACHES,
+        StepClock,
+        _generate,
+        measure_generate,
+        reset_compiled_state,
+        step_ms,
+    )
     from benchmarks.gpu_decode import build_model, prefill
 
 from kvpress_lite import FixedSlotEvictionCache, cache_nbytes
@@ -74,7 +81,7 @@ def capacity_row(model, label, factory, compiled, length, batch, tokens, compile
         warmup = time.perf_counter() - start
         clock = StepClock(device)  # continue from the same cache: generate feeds only the uncached last token
         _generate(model, ids, cache, tokens, compiled, clock, compile_config=compile_config)
-        step = statistics.median(clock.step_ms()[2:])
+        step = statistics.median(step_ms(clock)[2:])
         row = dict(cache=label, length=length, batch=batch, ms_per_step=step, tokens_per_s=batch * 1000 / step,
                    warmup_s=warmup, kv_gib=cache_nbytes(cache) / 2**30)
         if device.type == "cuda":
@@ -143,6 +150,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="a 2-layer toy model (smoke runs of this script)")
     parser.add_argument("--cpu-backend", default="aot_eager", help="torch.compile backend on a CPU")
+    parser.add_argument("--also", nargs="*", default=[], choices=sorted(GENERATE_CACHES),
+                        help="more generate rows per grid point, after StaticCache compiled (e.g. 'ours int4 static "
+                             "compiled': the quantized and eviction caches side by side in one run)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -173,7 +183,7 @@ def main() -> None:
         length, batch = (int(x) for x in point.split("x"))
         ids = torch.randint(10, vocab, (batch, length), device=args.device)
         rows.append(run(ids, "DynamicCache", "DynamicCache (run 1)"))
-        for label in ["StaticCache compiled"] + labels["grid"]:
+        for label in ["StaticCache compiled", *args.also] + labels["grid"]:
             rows.append(run(ids, label))
         rows.append(run(ids, "DynamicCache", "DynamicCache (run 2)"))
     for length in args.flat_lengths:
