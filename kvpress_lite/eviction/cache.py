@@ -8,6 +8,7 @@ from .. import attention_bridge
 from ..cache import CompressedCache
 from ..kernels import fused as fused_path
 from ..storage import StorageSpec
+from .adaptive import AdaptiveEvictionLayer, check_adaptive
 from .layer import EvictionLayer
 from .policy import EvictionBudget, make_policy
 
@@ -43,6 +44,10 @@ class EvictionCache(CompressedCache):
             "channel" keys re-quantize the kept history at each eviction, see docs/composition.md).
         fused: None (auto: on CUDA with triton), True (always, `kernel_impl` on CPU), False (never); see above.
         kernel_impl: "auto", "triton" or "torch", for the fused op.
+        adaptive: per-head budgets (AdaKV): a layer keeps `budget x kv_heads` slots per row, spread over its kv heads
+            by score, in a flat slot pool whose bytes follow the kept slots (`AdaptiveEvictionLayer`); needs a policy
+            with `per_head = True` (not streaming, random, tova). Attention then runs a masked path (never fused).
+        head_floor: with `adaptive`, the fraction in [0, 1] of the per-head budget every head keeps (AdaKV: 0.2).
         **policy_params: the policy's hyperparameters (e.g. `window=`, `kernel=` for snapkv, `seed=` for random).
     Storage per full-attention layer: `[batch, kv_heads, P, head_dim]` slots with P <= budget + slack.
     """
@@ -50,7 +55,7 @@ class EvictionCache(CompressedCache):
     def __init__(self, model, policy: str = "h2o", budget: int | None = None, ratio: float | None = None,
                  sinks: int = 4, recent: int = 16, slack: int | None = None, bits: int | None = None,
                  group_size: int = 32, residual_length: int = 8, key_mode: str = "token", fused: bool | None = None,
-                 kernel_impl: str = "auto", **policy_params):
+                 kernel_impl: str = "auto", adaptive: bool = False, head_floor: float = 0.2, **policy_params):
         if not hasattr(model, "set_attn_implementation"):
             raise ValueError(
                 f"model must be a transformers PreTrainedModel (EvictionCache observes its attention), got "
@@ -58,8 +63,14 @@ class EvictionCache(CompressedCache):
             )
         fused_path.check_options(fused, kernel_impl)
         self.policy = make_policy(policy, **policy_params)
-        self.spec = EvictionBudget(budget, ratio, sinks, recent, slack)
+        self.budget_spec = EvictionBudget(budget, ratio, sinks, recent, slack)
         self.storage = StorageSpec(bits, group_size, residual_length, key_mode)
+        if not isinstance(adaptive, bool):
+            raise ValueError(f"adaptive={adaptive!r} must be True (per-head budgets, AdaKV) or False (uniform)")
+        self.adaptive, self.head_floor = adaptive, head_floor
+        if adaptive:
+            check_adaptive(self.policy, head_floor, self.storage)
+        self.policy.prepare(model)
         super().__init__(model)
         self.storage.check_head_dim(self.geometry.head_dim)
         self.attachment = attention_bridge.attach(model, "EvictionCache")
@@ -69,8 +80,10 @@ class EvictionCache(CompressedCache):
                 if isinstance(layer, EvictionLayer):
                     layer.fused_decode = (self.attachment, kernel_impl)
 
-    def full_attention_layer(self, layer_idx: int) -> EvictionLayer:
-        return EvictionLayer(self.policy, self.spec, layer_idx, self.storage)
+    def full_attention_layer(self, layer_idx: int) -> EvictionLayer | AdaptiveEvictionLayer:
+        if self.adaptive:
+            return AdaptiveEvictionLayer(self.policy, self.budget_spec, layer_idx, self.storage, self.head_floor)
+        return EvictionLayer(self.policy, self.budget_spec, layer_idx, self.storage)
 
     def detach(self) -> None:
         """Give the model back its original attention implementation (idempotent); the cache cannot run after."""
@@ -84,19 +97,21 @@ class EvictionCache(CompressedCache):
 
     def metadata_nbytes(self) -> int:
         """Bytes kept besides keys and values: slot positions, policy scores, pad counts."""
-        return sum(layer.metadata_nbytes() for layer in self.layers if isinstance(layer, EvictionLayer))
+        return sum(layer.metadata_nbytes() for layer in self.layers
+                   if isinstance(layer, (EvictionLayer, AdaptiveEvictionLayer)))
 
 
 class HeavyHitterCache(EvictionCache):
     """H2O heavy-hitter cache: `EvictionCache(model, policy="h2o", ...)` (arXiv 2306.14048).
 
     Keeps the tokens with the largest attention mass accumulated over all queries so far, plus `sinks` first and
-    `recent` last tokens. Args as `EvictionCache`, without `policy`; `average=True` ranks by mean attention per query
-    that saw the token instead of the sum (no bias toward old tokens, see `H2OPolicy`).
+    `recent` last tokens. Takes every keyword of `EvictionCache` but `policy` (forwarded as they are, so none can be
+    lost), and H2O's own `average=True`: rank by mean attention per query that saw the token instead of the sum (no
+    bias toward old tokens, see `H2OPolicy`).
     """
 
-    def __init__(self, model, budget: int | None = None, ratio: float | None = None, sinks: int = 4, recent: int = 16,
-                 slack: int | None = None, bits: int | None = None, group_size: int = 32, residual_length: int = 8,
-                 key_mode: str = "token", average: bool = False):
-        super().__init__(model, "h2o", budget=budget, ratio=ratio, sinks=sinks, recent=recent, slack=slack, bits=bits,
-                         group_size=group_size, residual_length=residual_length, key_mode=key_mode, average=average)
+    def __init__(self, model, budget: int | None = None, ratio: float | None = None, **kwargs):
+        if "policy" in kwargs:
+            raise ValueError(f"HeavyHitterCache always uses policy='h2o' (got policy={kwargs['policy']!r}); use "
+                             "EvictionCache(model, policy=...) for another policy")
+        super().__init__(model, "h2o", budget=budget, ratio=ratio, **kwargs)

@@ -135,3 +135,10 @@ def attention_mass(
             probs = torch.where(query_real[:, None, None, start:stop, None], probs, 0.0)
         mass += probs.sum(dim=(2, 3))
     return mass
+
+
+def recent_queries(previous: torch.Tensor | None, query: torch.Tensor, window: int) -> torch.Tensor:
+    """The `window` most recent rotated queries `[B, H_q, <= window, D]`: `previous` then this forward's `query`
+    `[B, H_q, q, D]`, cut to the last `window` (a compact copy, so the forward's queries are not kept alive)."""
+    recent = query if previous is None else torch.cat([previous, query], dim=2)
+    return recent[:, :, -window:].clone()
