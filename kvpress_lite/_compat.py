@@ -245,3 +245,12 @@ def attention_base_of(module) -> str:
     """The attention implementation (`"sdpa"` or `"eager"`) a module runs under the attention bridge."""
     name = module.config._attn_implementation
     return bridged_base(name) or name
+
+
+def attention_scale(model) -> float | None:
+    """The softmax scale of `model`'s attention modules (`module.scaling`, e.g. Gemma 3's query_pre_attn_scalar**-0.5),
+    or None if they do not expose one (then 1/sqrt(head_dim) is the convention)."""
+    for module in model.modules():
+        if hasattr(module, "scaling") and hasattr(module, "layer_idx"):
+            return float(module.scaling)
+    return None

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._compat import rope_inv_freq
+from .._compat import attention_scale, rope_inv_freq
 from .policy import EvictionPolicy, ScoreInputs
 from .registration import register_policy
 
@@ -36,7 +36,8 @@ class ExpectedAttentionPolicy(EvictionPolicy):
 
     The queries that will come next are modelled as Gaussian, `q ~ N(mu, Sigma)`, from the layer's `window` most recent
     rotated queries, each moved to the future by the RoPE rotation averaged over the next `n_future` positions. A
-    key's expected attention logit is then `E[exp(q.k * s)] = exp(mu.k * s + k^T Sigma k * s^2 / 2)` (s = 1/sqrt(D));
+    key's expected attention weight is then `E[exp(q.k * s)] = exp(mu.k * s + k^T Sigma k * s^2 / 2)` (s: the model's
+    attention scale, 1/sqrt(D) for Llama);
     scores are these softmax-normalised over the cached keys per query head, averaged over the query heads of each kv
     head, times `||v|| + epsilon`-style value weighting (`(p + epsilon) * ||v||`, kvpress' default).
 
@@ -47,7 +48,6 @@ class ExpectedAttentionPolicy(EvictionPolicy):
     `[P, D] x [D, D]` product per query head for the covariance term (`use_covariance`), no extra forward; memory:
     up to `window` queries per layer `[B, H_q, window, D]` between evictions (dropped by each eviction), counted in
     the cache's metadata bytes.
-    Scaling assumes the model's attention scale is 1/sqrt(head_dim) (Llama, Gemma 3 270M).
 
     Args:
         window: most recent queries whose statistics model the future queries (kvpress: the whole prompt).
@@ -63,6 +63,7 @@ class ExpectedAttentionPolicy(EvictionPolicy):
     use_vnorm: bool = True
     epsilon: float = 0.0
     _inv_freq: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _scale: float | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         for name in ("window", "n_future"):
@@ -80,8 +81,10 @@ class ExpectedAttentionPolicy(EvictionPolicy):
         return self.window
 
     def prepare(self, model) -> None:
-        """Read the full-attention layers' RoPE frequencies (None: no RoPE, queries used as they are)."""
+        """Read the full-attention layers' RoPE frequencies (None: no RoPE, queries used as they are) and the
+        attention's softmax scale (None: 1/sqrt(head_dim))."""
         self._inv_freq = rope_inv_freq(model, "full_attention")
+        self._scale = attention_scale(model)
 
     def statistics(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`(mu [B, H_q, D], Sigma [B, H_q, D, D] or None)` of the future queries from `[B, H_q, w, D]` recent ones."""
@@ -105,7 +108,7 @@ class ExpectedAttentionPolicy(EvictionPolicy):
         B, Hkv, P, D = keys.shape
         mu, sigma = self.statistics(inputs.queries)  # (B, Hq, D), (B, Hq, D, D)
         G = mu.shape[1] // Hkv
-        scale = D**-0.5
+        scale = D**-0.5 if self._scale is None else self._scale
         grouped = keys[:, :, None].expand(B, Hkv, G, P, D).reshape(B, Hkv * G, P, D)  # query head h -> kv head h // G
         logits = (grouped @ mu[..., None]).squeeze(-1) * scale  # (B, Hq, P)
         if sigma is not None:
