@@ -254,3 +254,11 @@ def attention_scale(model) -> float | None:
         if hasattr(module, "scaling") and hasattr(module, "layer_idx"):
             return float(module.scaling)
     return None
+
+
+def scratch_copy(layer):
+    """A copy of a transformers cache layer that can be updated without touching `layer` (a shallow copy: dynamic and
+    sliding-window layers rebind their tensors on update, `torch.cat`, never write in place)."""
+    import copy
+
+    return copy.copy(layer)

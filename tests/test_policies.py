@@ -13,6 +13,7 @@ from transformers import DynamicCache
 from kvpress_lite import EvictionCache
 from kvpress_lite._compat import cache_kwarg
 from kvpress_lite.eviction import EvictionLayer, ScoreInputs, make_policy
+from kvpress_lite.eviction.reread import reread
 
 TINY = {"llama": tiny_llama, "gemma3": tiny_gemma3}
 
@@ -128,3 +129,70 @@ def test_expected_attention_bad_input():
 def test_expected_attention_is_scored_per_head_for_adaptive_budgets():
     assert make_policy("expected_attention").per_head and not make_policy("tova").per_head
     assert math.isfinite(make_policy("expected_attention").n_future)
+
+
+# ------------------------------------------------------------------------------------------------------- KVzip
+
+
+def left_padded(length: int = 24, pad: int = 5):
+    ids = prompt(length)
+    mask = torch.ones_like(ids)
+    ids[1, :pad], mask[1, :pad] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("chunk_size", [64, 7])
+def test_kvzip_scores_are_the_largest_eager_attention_of_the_reread(arch, chunk_size):
+    """Reference: DynamicCache holding the prompt, then each chunk of the prompt fed again (positions continuing the
+    row's real tokens) with eager `output_attentions`; a prompt token's score is the largest probability any real
+    re-read query and any query head of its kv head gives it."""
+    model = TINY[arch]("eager")
+    ids, mask = left_padded()
+    B, L = ids.shape
+    types = getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    Hkv = model.config.num_key_value_heads
+    expected = {i: torch.zeros(B, Hkv, L) for i in full}
+    for start in range(0, L, chunk_size):
+        stop = min(start + chunk_size, L)
+        dyn = DynamicCache(config=model.config)
+        model(input_ids=ids, attention_mask=mask, **{cache_kwarg(model): dyn})
+        chunk_mask = mask[:, start:stop]
+        positions = mask.sum(1, keepdim=True) + (chunk_mask.cumsum(1) - 1).clamp(min=0)
+        out = model(input_ids=ids[:, start:stop], attention_mask=torch.cat([mask, chunk_mask], 1),
+                    position_ids=positions, output_attentions=True, **{cache_kwarg(model): dyn})
+        for i in full:
+            att = out.attentions[i][..., :L].float()  # (B, Hq, q, L)
+            att = att * chunk_mask[:, None, :, None]  # pad queries give nothing
+            att = att.view(B, Hkv, -1, stop - start, L).amax(dim=(2, 3))
+            expected[i] = torch.maximum(expected[i], att)
+    with EvictionCache(model, policy="kvzip", budget=64, chunk_size=chunk_size) as cache:
+        model(input_ids=ids, attention_mask=mask, **{cache_kwarg(model): cache})  # the prompt (nothing evicted)
+        reread(model, cache, ids, mask, chunk_size)  # what the hook runs before the first decoding forward
+        for i in full:
+            torch.testing.assert_close(cache.layers[i].scores[..., :L], expected[i], atol=1e-6, rtol=1e-5)
+
+
+def test_kvzip_keeps_the_whole_prompt_until_the_reread_then_evicts_its_top_scores():
+    model = tiny_llama("sdpa")
+    ids, mask = left_padded(length=30, pad=4)
+    seen = []
+    with EvictionCache(model, policy="kvzip", budget=10, sinks=1, recent=2, slack=0, chunk_size=8) as cache:
+        hook = model.register_forward_hook(lambda *_: seen.append(cache.layers[0].physical_length))
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                             pad_token_id=0, **{cache_kwarg(model): cache})
+        hook.remove()
+        assert seen[0] == 30  # the prompt forward evicts nothing
+        assert seen[-1] == 10 and out.shape == (2, 33)
+        layer = cache.layers[0]
+        assert (layer.positions[1] >= 4).all()  # pads went first
+    # the hook is gone after detach: the model runs a DynamicCache as before
+    assert not model._forward_pre_hooks
+
+
+def test_kvzip_bad_input_and_adaptive_refusal():
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        make_policy("kvzip", chunk_size=0)
+    with pytest.raises(ValueError, match=r"adaptive=True does not support policy='kvzip'"):
+        EvictionCache(tiny_llama(), policy="kvzip", budget=32, adaptive=True)

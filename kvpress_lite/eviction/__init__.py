@@ -1,7 +1,7 @@
 """Heavy-hitter eviction family: H2O, TOVA, SnapKV, KNorm, StreamingLLM, Expected Attention and random, behind one
 `EvictionCache`, with uniform or per-head (adaptive, AdaKV) budgets."""
 
-from . import expected_attention, h2o, knorm, random_policy, snapkv, streaming, tova  # noqa: F401  (each registers)
+from . import expected_attention, h2o, knorm, kvzip, random_policy, snapkv, streaming, tova  # noqa: F401  (registering)
 from .adaptive import AdaptiveEvictionLayer
 from .cache import EvictionCache, HeavyHitterCache
 from .layer import EvictionLayer

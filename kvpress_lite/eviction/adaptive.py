@@ -22,6 +22,11 @@ def check_adaptive(policy: EvictionPolicy, head_floor: float, storage: StorageSp
             "does not (streaming ranks by position, random by chance, tova shares one ranking across heads). "
             "Accepted: a policy with per_head=True, e.g. 'snapkv', 'h2o', 'knorm', 'expected_attention'"
         )
+    if policy.rereads:
+        raise ValueError(
+            f"adaptive=True does not support policy={policy.name!r} yet (its re-read pass scores the uniform layers); "
+            "accepted: a policy without a re-read, e.g. 'snapkv', 'h2o', 'knorm', 'expected_attention'"
+        )
     if isinstance(head_floor, bool) or not isinstance(head_floor, (int, float)) or not 0 <= head_floor <= 1:
         raise ValueError(
             f"head_floor={head_floor!r} must be a number in [0, 1]: the fraction of the per-head budget every kv head "
@@ -231,7 +236,7 @@ class AdaptiveEvictionLayer(BatchStateMixin, CacheLayerMixin):
         """Keep `budget x H_kv` slots per row: each head's `ceil(head_floor x budget)` best, then the best of the rest
         over all heads; gathered into new compact tensors in pool order."""
         B, S = self.positions.shape
-        H, total = self.num_heads, self.budget * self.num_heads
+        total = self.budget * self.num_heads
         scores = self.protected_scores()
         floor = min(math.ceil(self.head_floor * self.budget), self.budget)
         if floor:

@@ -11,6 +11,7 @@ from ..storage import StorageSpec
 from .adaptive import AdaptiveEvictionLayer, check_adaptive
 from .layer import EvictionLayer
 from .policy import EvictionBudget, make_policy
+from .reread import RereadHook
 
 # Storage defaults (bits=None, group_size=32, residual_length=8, key_mode="token") were chosen by measurement
 # (docs/composition.md): per-token keys, so eviction gathers codes; groups of 32 channels (64 cost int4 up to +2.5%
@@ -75,6 +76,10 @@ class EvictionCache(CompressedCache):
         self.storage.check_head_dim(self.geometry.head_dim)
         self.attachment = attention_bridge.attach(model, "EvictionCache")
         self._detach = weakref.finalize(self, self.attachment.detach)  # backstop: detach() / `with` is the scope
+        self._reread = None
+        if self.policy.rereads:  # KVzip: re-read the prompt before the first decoding forward (eviction/reread.py)
+            hook = RereadHook(model, self, self.policy.chunk_size)
+            self._reread = weakref.finalize(self, hook.remove)
         if self.storage.quantized and self.storage.key_mode == "token" and fused_path.wants_bridge(fused, model):
             for layer in self.layers:
                 if isinstance(layer, EvictionLayer):
@@ -86,8 +91,11 @@ class EvictionCache(CompressedCache):
         return EvictionLayer(self.policy, self.budget_spec, layer_idx, self.storage)
 
     def detach(self) -> None:
-        """Give the model back its original attention implementation (idempotent); the cache cannot run after."""
+        """Give the model back its original attention implementation and remove the re-read hook if any (idempotent);
+        the cache cannot run after."""
         self._detach()
+        if self._reread is not None:
+            self._reread()
 
     def __enter__(self):
         return self

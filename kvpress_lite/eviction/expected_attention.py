@@ -39,15 +39,15 @@ class ExpectedAttentionPolicy(EvictionPolicy):
     key's expected attention weight is then `E[exp(q.k * s)] = exp(mu.k * s + k^T Sigma k * s^2 / 2)` (s: the model's
     attention scale, 1/sqrt(D) for Llama);
     scores are these softmax-normalised over the cached keys per query head, averaged over the query heads of each kv
-    head, times `||v|| + epsilon`-style value weighting (`(p + epsilon) * ||v||`, kvpress' default).
+    head, times the value norm (`(p + epsilon) * ||v||`, kvpress' default).
 
     Needs no attention weights (only the queries, kept by the layer): it runs under SDPA, and scores only when the
     layer evicts; the layer keeps the queries seen since its last eviction (at most `window`), so a decoding eviction
-    models the future from the queries decoded since the previous one. Unlike kvpress (statistics from hidden states through W_q, so no QK-norm models), it reads the
-    model's real rotated queries, so it also runs on Gemma 3 (QK norm). Cost per eviction and kv head: one
-    `[P, D] x [D, D]` product per query head for the covariance term (`use_covariance`), no extra forward; memory:
-    up to `window` queries per layer `[B, H_q, window, D]` between evictions (dropped by each eviction), counted in
-    the cache's metadata bytes.
+    models the future from the queries decoded since the previous one. Unlike kvpress (statistics from hidden states
+    through W_q, so no QK-norm models), it reads the model's real rotated queries, so it also runs on Gemma 3.
+    Cost per eviction and kv head: one `[P, D] x [D, D]` product per query head for the covariance term
+    (`use_covariance`), no extra forward. Memory: up to `window` queries per layer `[B, H_q, window, D]` between
+    evictions (dropped by each eviction), counted in the cache's metadata bytes.
 
     Args:
         window: most recent queries whose statistics model the future queries (kvpress: the whole prompt).

@@ -122,13 +122,15 @@ class EvictionLayer(BatchStateMixin, CacheLayerMixin):
             self.n_pad = self.n_pad + (~query_real).sum(dim=-1)
         if self.policy.uses_attention:
             mass = observe.attention_mass(
-                query, key, attention_mask, weights, scaling, softcap, self.policy.attention_window, query_real
+                query, key, attention_mask, weights, scaling, softcap, self.policy.attention_window, query_real,
+                self.policy.attention_reduce,
             )
             inputs = ScoreInputs(keys, values, self.positions, mass, self.scores, self.length, q)
             self.scores = self.policy.score(inputs)
         if self.policy.query_window:
             self.queries = observe.recent_queries(self.queries, query, self.policy.query_window)
-        if P > self.budget + self.slack:
+        deferred = self.in_prompt and self.policy.rereads  # KVzip: the prompt stays whole until re-read
+        if P > self.budget + self.slack and not deferred:
             self.evict(self.budget, keys, values)
             self.queries = None  # scored: the next eviction reads the queries seen since (bounded metadata)
         self.store.flush()

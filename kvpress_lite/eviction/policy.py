@@ -60,6 +60,10 @@ class EvictionPolicy:
         per_head: True if scores rank tokens comparably across kv heads, so per-head budgets (`adaptive=True`,
             AdaKV) can spread a layer's budget over its heads by score; False for position or random scores and for
             policies that share one ranking across heads (streaming, random, tova).
+        attention_reduce: how `attention` combines a forward's queries and a kv head's query heads: "sum" (mass) or
+            "max" (largest probability).
+        rereads: True if the layer keeps the whole prompt until the cache has re-read it (KVzip, `eviction/kvzip.py`);
+            eviction starts after that pass.
     """
 
     name: ClassVar[str] = ""
@@ -67,6 +71,8 @@ class EvictionPolicy:
     attention_window: ClassVar[int | None] = None
     query_window: ClassVar[int] = 0
     per_head: ClassVar[bool] = True
+    attention_reduce: ClassVar[str] = "sum"
+    rereads: ClassVar[bool] = False
 
     def prepare(self, model) -> None:
         """Read what the policy needs from the model once, when the cache is built (default: nothing)."""
