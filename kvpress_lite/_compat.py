@@ -238,7 +238,7 @@ def rope_inv_freq(model, layer_type: str = "full_attention") -> torch.Tensor | N
     inv_freq = getattr(rotary, f"{layer_type}_inv_freq", None)
     if inv_freq is None:
         inv_freq = getattr(rotary, "inv_freq", None)
-    return None if inv_freq is None else inv_freq.detach().float().cpu()
+    return None if inv_freq is None else inv_freq.detach().float()
 
 
 def attention_base_of(module) -> str:

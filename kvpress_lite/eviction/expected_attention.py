@@ -15,8 +15,8 @@ def average_rotation(inv_freq: torch.Tensor, window: int, n_future: int) -> tupl
     """`(cos, sin)` `[window, head_dim // 2]`: RoPE rotation averaged over the future positions, for each query of a
     window of `window` consecutive queries (query i, the last at L - 1, is `window - i` positions before L; the
     future positions are L .. L + n_future - 1, so its shifts are `window - i + j`, j < n_future)."""
-    shifts = (torch.arange(window, 0, -1, dtype=torch.float64)[:, None]
-              + torch.arange(n_future, dtype=torch.float64)[None, :])  # (w, F)
+    arange = lambda *a: torch.arange(*a, dtype=torch.float64, device=inv_freq.device)  # noqa: E731
+    shifts = arange(window, 0, -1)[:, None] + arange(n_future)[None, :]  # (w, F)
     angles = shifts[..., None] * inv_freq.double()[None, None, :]  # (w, F, D/2)
     return angles.cos().mean(1).float(), angles.sin().mean(1).float()
 
