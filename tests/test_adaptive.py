@@ -158,3 +158,22 @@ def test_registered_strategies_accept_adaptive():
         assert isinstance(cache.layers[0], AdaptiveEvictionLayer) and cache.layers[0].head_floor == 0.1
     finally:
         cache.detach()
+
+
+def test_pyramid_layer_budgets_fall_with_depth_and_keep_the_total():
+    from kvpress_lite.eviction.adaptive import pyramid_shares
+
+    shares = pyramid_shares(4, beta=4)
+    assert shares == pytest.approx([1.75, 1.25, 0.75, 0.25]) and sum(shares) == pytest.approx(4)
+    model = tiny_llama(num_layers=4)
+    ids, mask = padded_batch(length=40, pad=3)
+    with EvictionCache(model, policy="snapkv", budget=8, sinks=0, recent=2, slack=0, adaptive=True,
+                       pyramid_beta=4) as cache:
+        out = generate(model, cache, ids, mask, max_new_tokens=3, min_new_tokens=3)
+        assert torch.isfinite(torch.stack(out.logits)).all()
+        assert [layer.budget for layer in cache.layers] == [14, 10, 6, 2]
+        assert [layer.physical_length for layer in cache.layers] == [28, 20, 12, 4]  # x 2 kv heads
+    with pytest.raises(ValueError, match="pyramid_beta=4 needs adaptive=True"):
+        EvictionCache(model, policy="snapkv", budget=32, pyramid_beta=4)
+    with pytest.raises(ValueError, match="pyramid_beta=0.5 must be a number >= 1"):
+        EvictionCache(model, policy="snapkv", budget=32, adaptive=True, pyramid_beta=0.5)

@@ -64,6 +64,7 @@ class AdaptiveEvictionLayer(BatchStateMixin, CacheLayerMixin):
         layer_idx: the model layer this cache layer serves.
         storage: a `StorageSpec` (None: full precision; quantized needs `key_mode="token"`).
         head_floor: fraction in [0, 1] of the per-head budget each head keeps at least (AdaKV: 0.2).
+        layer_share: this layer's budget as a multiple of the cache's (`pyramid_shares`; 1.0: uniform over layers).
     """
 
     is_sliding = False
@@ -72,11 +73,12 @@ class AdaptiveEvictionLayer(BatchStateMixin, CacheLayerMixin):
     state_names = ("store", "heads", "positions", "scores", "n_pad", "queries")
 
     def __init__(self, policy: EvictionPolicy, budget: EvictionBudget, layer_idx: int = 0,
-                 storage: StorageSpec | None = None, head_floor: float = 0.2):
+                 storage: StorageSpec | None = None, head_floor: float = 0.2, layer_share: float = 1.0):
         super().__init__()
         self.storage = storage or StorageSpec()
         check_adaptive(policy, head_floor, self.storage)
         self.policy, self.budget_spec, self.layer_idx, self.head_floor = policy, budget, layer_idx, head_floor
+        self.layer_share = layer_share
         self.budget = self.slack = None
         self._clear()
 
@@ -113,7 +115,9 @@ class AdaptiveEvictionLayer(BatchStateMixin, CacheLayerMixin):
         if q == 1:
             self.in_prompt = False
         if self.budget is None or (self.in_prompt and self.budget_spec.ratio is not None):
-            self.budget, self.slack = self.budget_spec.resolve(self.length + q)
+            budget, self.slack = self.budget_spec.resolve(self.length + q)
+            protected = self.budget_spec.sinks + self.budget_spec.recent
+            self.budget = max(round(budget * self.layer_share), protected, 1)  # PyramidKV: this layer's share
         self.store.append(key_states.reshape(B, 1, H * q, D), value_states.reshape(B, 1, H * q, D))  # head-major
         new_heads = torch.arange(H, dtype=torch.int16, device=self.device).repeat_interleave(q)
         new_positions = torch.arange(self.length, self.length + q, dtype=torch.int32, device=self.device).repeat(H)
@@ -267,3 +271,14 @@ class AdaptiveEvictionLayer(BatchStateMixin, CacheLayerMixin):
         """Bytes of bookkeeping (head ids, positions, scores, pad counts, kept queries) on top of keys and values."""
         state = (self.heads, self.positions, self.scores, self.n_pad, self.queries)
         return sum(t.untyped_storage().nbytes() for t in state if t is not None)
+
+
+def pyramid_shares(n_layers: int, beta: float = 20.0) -> list[float]:
+    """PyramidKV layer budgets (Cai et al. 2024, https://arxiv.org/abs/2406.02069) as multiples of the mean budget:
+    linear from `2 - 1/beta` at the first compressed layer down to `1/beta` at the last (mean 1, so the same total)."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 1:
+        raise ValueError(f"pyramid_beta={beta!r} must be a number >= 1 (the last layer keeps 1/beta of the mean)")
+    if n_layers == 1:
+        return [1.0]
+    low, high = 1 / beta, 2 - 1 / beta
+    return [high - i * (high - low) / (n_layers - 1) for i in range(n_layers)]

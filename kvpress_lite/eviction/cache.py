@@ -5,10 +5,11 @@ from __future__ import annotations
 import weakref
 
 from .. import attention_bridge
+from .._compat import decoder_config, layer_specs
 from ..cache import CompressedCache
 from ..kernels import fused as fused_path
 from ..storage import StorageSpec
-from .adaptive import AdaptiveEvictionLayer, check_adaptive
+from .adaptive import AdaptiveEvictionLayer, check_adaptive, pyramid_shares
 from .layer import EvictionLayer
 from .policy import EvictionBudget, make_policy
 from .reread import RereadHook
@@ -49,6 +50,8 @@ class EvictionCache(CompressedCache):
             by score, in a flat slot pool whose bytes follow the kept slots (`AdaptiveEvictionLayer`); needs a policy
             with `per_head = True` (not streaming, random, tova). Attention then runs a masked path (never fused).
         head_floor: with `adaptive`, the fraction in [0, 1] of the per-head budget every head keeps (AdaKV: 0.2).
+        pyramid_beta: with `adaptive`, PyramidKV layer budgets (arXiv 2406.02069): full-attention layers get budgets
+            falling linearly from `2 - 1/beta` to `1/beta` times the budget, bottom to top (same total); None: uniform.
         **policy_params: the policy's hyperparameters (e.g. `window=`, `kernel=` for snapkv, `seed=` for random).
     Storage per full-attention layer: `[batch, kv_heads, P, head_dim]` slots with P <= budget + slack.
     """
@@ -56,7 +59,8 @@ class EvictionCache(CompressedCache):
     def __init__(self, model, policy: str = "h2o", budget: int | None = None, ratio: float | None = None,
                  sinks: int = 4, recent: int = 16, slack: int | None = None, bits: int | None = None,
                  group_size: int = 32, residual_length: int = 8, key_mode: str = "token", fused: bool | None = None,
-                 kernel_impl: str = "auto", adaptive: bool = False, head_floor: float = 0.2, **policy_params):
+                 kernel_impl: str = "auto", adaptive: bool = False, head_floor: float = 0.2,
+                 pyramid_beta: float | None = None, **policy_params):
         if not hasattr(model, "set_attn_implementation"):
             raise ValueError(
                 f"model must be a transformers PreTrainedModel (EvictionCache observes its attention), got "
@@ -71,6 +75,13 @@ class EvictionCache(CompressedCache):
         self.adaptive, self.head_floor = adaptive, head_floor
         if adaptive:
             check_adaptive(self.policy, head_floor, self.storage)
+        if pyramid_beta is not None and not adaptive:
+            raise ValueError(f"pyramid_beta={pyramid_beta!r} needs adaptive=True (layers of unequal lengths attend "
+                             "through the per-head masked path); accepted with adaptive=False: None")
+        self._shares = None
+        if pyramid_beta is not None:
+            n_full = layer_specs(decoder_config(model))[0].count("full_attention")
+            self._shares = iter(pyramid_shares(n_full, pyramid_beta))
         self.policy.prepare(model)
         super().__init__(model)
         self.storage.check_head_dim(self.geometry.head_dim)
@@ -87,7 +98,8 @@ class EvictionCache(CompressedCache):
 
     def full_attention_layer(self, layer_idx: int) -> EvictionLayer | AdaptiveEvictionLayer:
         if self.adaptive:
-            return AdaptiveEvictionLayer(self.policy, self.budget_spec, layer_idx, self.storage, self.head_floor)
+            share = 1.0 if self._shares is None else next(self._shares)
+            return AdaptiveEvictionLayer(self.policy, self.budget_spec, layer_idx, self.storage, self.head_floor, share)
         return EvictionLayer(self.policy, self.budget_spec, layer_idx, self.storage)
 
     def detach(self) -> None:
