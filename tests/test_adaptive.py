@@ -177,3 +177,18 @@ def test_pyramid_layer_budgets_fall_with_depth_and_keep_the_total():
         EvictionCache(model, policy="snapkv", budget=32, pyramid_beta=4)
     with pytest.raises(ValueError, match="pyramid_beta=0.5 must be a number >= 1"):
         EvictionCache(model, policy="snapkv", budget=32, adaptive=True, pyramid_beta=0.5)
+
+
+def test_one_kv_head_makes_adaptive_the_uniform_cache():
+    """Gemma-3-270M has one KV head per layer: per-head budgets then keep exactly the uniform cache's tokens."""
+    model = tiny_llama(num_key_value_heads=1)
+    ids, mask = padded_batch(length=40, pad=6)
+    outs, kept = {}, {}
+    for adaptive in (False, True):
+        with EvictionCache(model, policy="snapkv", budget=10, sinks=1, recent=2, slack=0, adaptive=adaptive) as cache:
+            outs[adaptive] = generate(model, cache, ids, mask, max_new_tokens=4, min_new_tokens=4)
+            kept[adaptive] = [layer.positions.reshape(2, -1).sort(-1).values for layer in cache.layers]
+    assert all(torch.equal(a, b) for a, b in zip(kept[False], kept[True], strict=True))
+    assert torch.equal(outs[False].sequences, outs[True].sequences)
+    diff = max((a - b).abs().max().item() for a, b in zip(outs[False].logits, outs[True].logits, strict=True))
+    assert diff <= 1e-5
