@@ -196,3 +196,31 @@ def test_kvzip_bad_input_and_adaptive_refusal():
         make_policy("kvzip", chunk_size=0)
     with pytest.raises(ValueError, match=r"adaptive=True does not support policy='kvzip'"):
         EvictionCache(tiny_llama(), policy="kvzip", budget=32, adaptive=True)
+
+
+@pytest.mark.parametrize("policy", ["expected_attention", "kvzip"])
+def test_leading_policies_run_quantized_and_batched(policy):
+    model = tiny_llama("sdpa")
+    ids, mask = left_padded(length=40, pad=6)
+    with EvictionCache(model, policy=policy, budget=12, sinks=1, recent=2, slack=0, bits=4, group_size=16,
+                       residual_length=4) as cache:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                             pad_token_id=0, return_dict_in_generate=True, output_logits=True,
+                             **{cache_kwarg(model): cache})
+        assert torch.isfinite(torch.stack(out.logits)).all()
+        assert all(layer.physical_length <= 12 for _, layer in full_layers(cache))
+        assert all(layer.store.quantized_length > 0 for _, layer in full_layers(cache))
+
+
+def test_heavy_hitter_cache_forwards_every_eviction_cache_keyword():
+    from kvpress_lite import HeavyHitterCache
+    from kvpress_lite.eviction import AdaptiveEvictionLayer
+
+    model = tiny_llama()
+    with HeavyHitterCache(model, budget=32, fused=False, kernel_impl="torch", average=True, adaptive=True) as cache:
+        assert cache.policy.name == "h2o" and cache.policy.average
+        assert isinstance(cache.layers[0], AdaptiveEvictionLayer)
+    with pytest.raises(ValueError, match="kernel_impl"):
+        HeavyHitterCache(model, budget=32, kernel_impl="cuda-magic")
+    with pytest.raises(ValueError, match="HeavyHitterCache always uses policy='h2o'"):
+        HeavyHitterCache(model, budget=32, policy="snapkv")
