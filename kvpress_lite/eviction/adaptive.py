@@ -208,13 +208,15 @@ class AdaptiveEvictionLayer(BatchStateMixin, CacheLayerMixin):
             mass = observe.attention_mass(query, keys, allowed, weights, kwargs.get("scaling"), kwargs.get("softcap"),
                                           self.policy.attention_window, query_real)  # (B, H, P_max)
             previous = self.scores.gather(1, index.view(index.shape[0], -1)).view(index.shape)
-            inputs = ScoreInputs(keys, values, view_positions, mass, previous, self.length, query.shape[-2])
+            inputs = ScoreInputs(keys, values, view_positions, mass, previous, self.length, query.shape[-2],
+                                 valid=valid)
             self._scatter_scores(self.policy.score(inputs), index, valid)
         if self.policy.query_window:
             self.queries = observe.recent_queries(self.queries, query, self.policy.query_window)
         if self.positions.shape[1] > (self.budget + self.slack) * H:
             if self.scores is None:
-                inputs = ScoreInputs(keys, values, view_positions, length=self.length, queries=self.queries)
+                inputs = ScoreInputs(keys, values, view_positions, length=self.length, queries=self.queries,
+                                     valid=valid)
                 self._scatter_scores(self.policy.score(inputs), index, valid)
             self.evict(index, valid)
             self.queries = None  # scored: the next eviction reads the queries seen since (bounded metadata)

@@ -113,6 +113,8 @@ class ExpectedAttentionPolicy(EvictionPolicy):
         logits = (grouped @ mu[..., None]).squeeze(-1) * scale  # (B, Hq, P)
         if sigma is not None:
             logits = logits + ((grouped @ sigma) * grouped).sum(-1) * (scale**2 / 2)
+        if inputs.valid is not None:  # per-head view of unequal heads: padding entries take no probability
+            logits = logits.masked_fill(~inputs.valid.repeat_interleave(G, dim=1), float("-inf"))
         expected = logits.softmax(dim=-1).view(B, Hkv, G, P).mean(2)  # (B, Hkv, P)
         if self.use_vnorm:
             expected = (expected + self.epsilon) * inputs.values.float().norm(dim=-1)

@@ -35,6 +35,9 @@ class ScoreInputs:
         query_length: queries in this forward (q); the slots they added are the last q.
         queries: `[batch, q_heads, w, head_dim]` rotated queries of the `w <= query_window` most recent tokens
             (consecutive, the last one at L - 1), for policies with `query_window > 0`; else None.
+        valid: `[batch, kv_heads, P]` bool, False for padding entries of a per-head view whose heads hold unequal
+            numbers of slots (`adaptive=True`); None: every slot is real. Those entries' scores are discarded, but a
+            policy that normalizes over the slots (softmax) must leave them out.
     """
 
     keys: torch.Tensor
@@ -45,6 +48,7 @@ class ScoreInputs:
     length: int | None = None
     query_length: int | None = None
     queries: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
 
 
 @dataclass
