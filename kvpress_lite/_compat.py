@@ -225,3 +225,40 @@ def bridged_attention(base: str, handler) -> str:
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     return name
+
+
+def rope_inv_freq(model, layer_type: str = "full_attention") -> torch.Tensor | None:
+    """RoPE inverse frequencies `[head_dim // 2]` fp32 of `model`'s `layer_type` layers, or None if it has no rotary
+    embedding module (Llama-like: `rotary_emb.inv_freq`; Gemma 3: `rotary_emb.<layer_type>_inv_freq`)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    rotary = getattr(decoder, "rotary_emb", None) or getattr(getattr(decoder, "language_model", None), "rotary_emb",
+                                                               None)
+    if rotary is None:
+        return None
+    inv_freq = getattr(rotary, f"{layer_type}_inv_freq", None)
+    if inv_freq is None:
+        inv_freq = getattr(rotary, "inv_freq", None)
+    return None if inv_freq is None else inv_freq.detach().float()
+
+
+def attention_base_of(module) -> str:
+    """The attention implementation (`"sdpa"` or `"eager"`) a module runs under the attention bridge."""
+    name = module.config._attn_implementation
+    return bridged_base(name) or name
+
+
+def attention_scale(model) -> float | None:
+    """The softmax scale of `model`'s attention modules (`module.scaling`, e.g. Gemma 3's query_pre_attn_scalar**-0.5),
+    or None if they do not expose one (then 1/sqrt(head_dim) is the convention)."""
+    for module in model.modules():
+        if hasattr(module, "scaling") and hasattr(module, "layer_idx"):
+            return float(module.scaling)
+    return None
+
+
+def scratch_copy(layer):
+    """A copy of a transformers cache layer that can be updated without touching `layer` (a shallow copy: dynamic and
+    sliding-window layers rebind their tensors on update, `torch.cat`, never write in place)."""
+    import copy
+
+    return copy.copy(layer)

@@ -18,6 +18,7 @@ from kvpress_lite.eviction import POLICIES, EvictionBudget, EvictionLayer, make_
 B, H_KV, T, D = 2, 4, 8, 16
 H_Q = 8  # two query heads per kv head (GQA)
 ALL_POLICIES = ["h2o", "tova", "snapkv", "knorm", "streaming", "random"]
+LEADING_POLICIES = ["expected_attention", "kvzip"]  # scored against their own references in test_policies.py
 
 
 # ----------------------------------------------------------------------------------------------- model-free helpers
@@ -232,7 +233,7 @@ def test_unobserved_forward_raises():
         ({"ratio": 1.5}, r"ratio=1.5 must be a number in \(0, 1\]"),
         ({"budget": 32, "sinks": -1}, "sinks=-1"),
         ({"budget": 32, "slack": -2}, "slack=-2"),
-        ({"budget": 32, "policy": "lru"}, r"policy='lru' is unknown; accepted values: \['h2o', 'knorm'"),
+        ({"budget": 32, "policy": "lru"}, r"policy='lru' is unknown; accepted values: \['expected_attention', 'h2o'"),
         ({"budget": 32, "policy": "snapkv", "kernel": 4}, "kernel=4 must be an odd integer"),
         ({"budget": 32, "policy": "snapkv", "window": 0}, "window=0"),
         ({"budget": 32, "policy": "h2o", "window": 8}, r"unknown parameter\(s\) \['window'\]; accepted: \['average'\]"),
@@ -264,7 +265,7 @@ def test_refuses_configs_mla_and_unobservable_attention():
 
 def test_every_policy_is_registered_documented_and_builds():
     model = tiny_llama()
-    assert sorted(POLICIES) == sorted(ALL_POLICIES)
+    assert sorted(POLICIES) == sorted(ALL_POLICIES + LEADING_POLICIES)
     for name, cls in POLICIES.items():
         strategy = get_strategy(name)
         assert strategy.family == "eviction"

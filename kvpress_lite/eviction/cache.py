@@ -5,11 +5,14 @@ from __future__ import annotations
 import weakref
 
 from .. import attention_bridge
+from .._compat import decoder_config, layer_specs
 from ..cache import CompressedCache
 from ..kernels import fused as fused_path
 from ..storage import StorageSpec
+from .adaptive import AdaptiveEvictionLayer, check_adaptive, pyramid_shares
 from .layer import EvictionLayer
 from .policy import EvictionBudget, make_policy
+from .reread import RereadHook
 
 # Storage defaults (bits=None, group_size=32, residual_length=8, key_mode="token") were chosen by measurement
 # (docs/composition.md): per-token keys, so eviction gathers codes; groups of 32 channels (64 cost int4 up to +2.5%
@@ -43,6 +46,12 @@ class EvictionCache(CompressedCache):
             "channel" keys re-quantize the kept history at each eviction, see docs/composition.md).
         fused: None (auto: on CUDA with triton), True (always, `kernel_impl` on CPU), False (never); see above.
         kernel_impl: "auto", "triton" or "torch", for the fused op.
+        adaptive: per-head budgets (AdaKV): a layer keeps `budget x kv_heads` slots per row, spread over its kv heads
+            by score, in a flat slot pool whose bytes follow the kept slots (`AdaptiveEvictionLayer`); needs a policy
+            with `per_head = True` (not streaming, random, tova). Attention then runs a masked path (never fused).
+        head_floor: with `adaptive`, the fraction in [0, 1] of the per-head budget every head keeps (AdaKV: 0.2).
+        pyramid_beta: with `adaptive`, PyramidKV layer budgets (arXiv 2406.02069): full-attention layers get budgets
+            falling linearly from `2 - 1/beta` to `1/beta` times the budget, bottom to top (same total); None: uniform.
         **policy_params: the policy's hyperparameters (e.g. `window=`, `kernel=` for snapkv, `seed=` for random).
     Storage per full-attention layer: `[batch, kv_heads, P, head_dim]` slots with P <= budget + slack.
     """
@@ -50,7 +59,8 @@ class EvictionCache(CompressedCache):
     def __init__(self, model, policy: str = "h2o", budget: int | None = None, ratio: float | None = None,
                  sinks: int = 4, recent: int = 16, slack: int | None = None, bits: int | None = None,
                  group_size: int = 32, residual_length: int = 8, key_mode: str = "token", fused: bool | None = None,
-                 kernel_impl: str = "auto", **policy_params):
+                 kernel_impl: str = "auto", adaptive: bool = False, head_floor: float = 0.2,
+                 pyramid_beta: float | None = None, **policy_params):
         if not hasattr(model, "set_attn_implementation"):
             raise ValueError(
                 f"model must be a transformers PreTrainedModel (EvictionCache observes its attention), got "
@@ -58,23 +68,46 @@ class EvictionCache(CompressedCache):
             )
         fused_path.check_options(fused, kernel_impl)
         self.policy = make_policy(policy, **policy_params)
-        self.spec = EvictionBudget(budget, ratio, sinks, recent, slack)
+        self.budget_spec = EvictionBudget(budget, ratio, sinks, recent, slack)
         self.storage = StorageSpec(bits, group_size, residual_length, key_mode)
+        if not isinstance(adaptive, bool):
+            raise ValueError(f"adaptive={adaptive!r} must be True (per-head budgets, AdaKV) or False (uniform)")
+        self.adaptive, self.head_floor = adaptive, head_floor
+        if adaptive:
+            check_adaptive(self.policy, head_floor, self.storage)
+        if pyramid_beta is not None and not adaptive:
+            raise ValueError(f"pyramid_beta={pyramid_beta!r} needs adaptive=True (layers of unequal lengths attend "
+                             "through the per-head masked path); accepted with adaptive=False: None")
+        self._shares = None
+        if pyramid_beta is not None:
+            n_full = layer_specs(decoder_config(model))[0].count("full_attention")
+            self._shares = iter(pyramid_shares(n_full, pyramid_beta))
+        self.policy.prepare(model)
         super().__init__(model)
         self.storage.check_head_dim(self.geometry.head_dim)
         self.attachment = attention_bridge.attach(model, "EvictionCache")
         self._detach = weakref.finalize(self, self.attachment.detach)  # backstop: detach() / `with` is the scope
+        self._reread = None
+        if self.policy.rereads:  # KVzip: re-read the prompt before the first decoding forward (eviction/reread.py)
+            hook = RereadHook(model, self, self.policy.chunk_size)
+            self._reread = weakref.finalize(self, hook.remove)
         if self.storage.quantized and self.storage.key_mode == "token" and fused_path.wants_bridge(fused, model):
             for layer in self.layers:
                 if isinstance(layer, EvictionLayer):
                     layer.fused_decode = (self.attachment, kernel_impl)
 
-    def full_attention_layer(self, layer_idx: int) -> EvictionLayer:
-        return EvictionLayer(self.policy, self.spec, layer_idx, self.storage)
+    def full_attention_layer(self, layer_idx: int) -> EvictionLayer | AdaptiveEvictionLayer:
+        if self.adaptive:
+            share = 1.0 if self._shares is None else next(self._shares)
+            return AdaptiveEvictionLayer(self.policy, self.budget_spec, layer_idx, self.storage, self.head_floor, share)
+        return EvictionLayer(self.policy, self.budget_spec, layer_idx, self.storage)
 
     def detach(self) -> None:
-        """Give the model back its original attention implementation (idempotent); the cache cannot run after."""
+        """Give the model back its original attention implementation and remove the re-read hook if any (idempotent);
+        the cache cannot run after."""
         self._detach()
+        if self._reread is not None:
+            self._reread()
 
     def __enter__(self):
         return self
@@ -84,19 +117,21 @@ class EvictionCache(CompressedCache):
 
     def metadata_nbytes(self) -> int:
         """Bytes kept besides keys and values: slot positions, policy scores, pad counts."""
-        return sum(layer.metadata_nbytes() for layer in self.layers if isinstance(layer, EvictionLayer))
+        return sum(layer.metadata_nbytes() for layer in self.layers
+                   if isinstance(layer, (EvictionLayer, AdaptiveEvictionLayer)))
 
 
 class HeavyHitterCache(EvictionCache):
     """H2O heavy-hitter cache: `EvictionCache(model, policy="h2o", ...)` (arXiv 2306.14048).
 
     Keeps the tokens with the largest attention mass accumulated over all queries so far, plus `sinks` first and
-    `recent` last tokens. Args as `EvictionCache`, without `policy`; `average=True` ranks by mean attention per query
-    that saw the token instead of the sum (no bias toward old tokens, see `H2OPolicy`).
+    `recent` last tokens. Takes every keyword of `EvictionCache` but `policy` (forwarded as they are, so none can be
+    lost), and H2O's own `average=True`: rank by mean attention per query that saw the token instead of the sum (no
+    bias toward old tokens, see `H2OPolicy`).
     """
 
-    def __init__(self, model, budget: int | None = None, ratio: float | None = None, sinks: int = 4, recent: int = 16,
-                 slack: int | None = None, bits: int | None = None, group_size: int = 32, residual_length: int = 8,
-                 key_mode: str = "token", average: bool = False):
-        super().__init__(model, "h2o", budget=budget, ratio=ratio, sinks=sinks, recent=recent, slack=slack, bits=bits,
-                         group_size=group_size, residual_length=residual_length, key_mode=key_mode, average=average)
+    def __init__(self, model, budget: int | None = None, ratio: float | None = None, **kwargs):
+        if "policy" in kwargs:
+            raise ValueError(f"HeavyHitterCache always uses policy='h2o' (got policy={kwargs['policy']!r}); use "
+                             "EvictionCache(model, policy=...) for another policy")
+        super().__init__(model, "h2o", budget=budget, ratio=ratio, **kwargs)

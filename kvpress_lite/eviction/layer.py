@@ -43,7 +43,7 @@ class EvictionLayer(BridgedLayerMixin, BatchStateMixin, CacheLayerMixin):
     is_sliding = False
     is_croppable = False
     is_compileable = False
-    state_names = ("store", "positions", "scores", "n_pad")
+    state_names = ("store", "positions", "scores", "n_pad", "queries")
 
     def __init__(self, policy: EvictionPolicy, budget: EvictionBudget, layer_idx: int = 0,
                  storage: StorageSpec | None = None):
@@ -56,6 +56,7 @@ class EvictionLayer(BridgedLayerMixin, BatchStateMixin, CacheLayerMixin):
     def _clear(self) -> None:
         self.store = self.storage.new()
         self.positions = self.scores = self.n_pad = None
+        self.queries = None  # [B, H_q, <= policy.query_window, D] latest rotated queries (policies that read them)
         self._read = None  # the keys/values the pending attention reads, until it is observed
         self.length = 0
         self.in_prompt = True  # no single-token (decoding) forward yet: a ratio budget follows the prompt's length
@@ -126,12 +127,17 @@ class EvictionLayer(BridgedLayerMixin, BatchStateMixin, CacheLayerMixin):
             self.n_pad = self.n_pad + (~query_real).sum(dim=-1)
         if self.policy.uses_attention:
             mass = observe.attention_mass(
-                query, key, attention_mask, weights, scaling, softcap, self.policy.attention_window, query_real
+                query, key, attention_mask, weights, scaling, softcap, self.policy.attention_window, query_real,
+                self.policy.attention_reduce,
             )
             inputs = ScoreInputs(keys, values, self.positions, mass, self.scores, self.length, q)
             self.scores = self.policy.score(inputs)
-        if P > self.budget + self.slack:
+        if self.policy.query_window:
+            self.queries = observe.recent_queries(self.queries, query, self.policy.query_window)
+        deferred = self.in_prompt and self.policy.rereads  # KVzip: the prompt stays whole until re-read
+        if P > self.budget + self.slack and not deferred:
             self.evict(self.budget, keys, values)
+            self.queries = None  # scored: the next eviction reads the queries seen since (bounded metadata)
         self.store.flush()
 
     def protected_scores(self, scores: torch.Tensor) -> torch.Tensor:
@@ -148,7 +154,8 @@ class EvictionLayer(BridgedLayerMixin, BatchStateMixin, CacheLayerMixin):
         if scores is None:
             if keys is None:
                 keys, values = self.store.read()
-            scores = self.policy.score(ScoreInputs(keys, values, self.positions, length=self.length))
+            scores = self.policy.score(ScoreInputs(keys, values, self.positions, length=self.length,
+                                                   queries=self.queries))
         keep = self.protected_scores(scores).topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values
         self.store.keep(keep)  # (B, Hkv, budget); new compact storage, the old buffers are freed
         self.positions = self.positions.gather(2, keep)
@@ -162,7 +169,8 @@ class EvictionLayer(BridgedLayerMixin, BatchStateMixin, CacheLayerMixin):
 
     def metadata_nbytes(self) -> int:
         """Bytes of bookkeeping (positions, scores, pad counts) on top of keys and values."""
-        return sum(t.untyped_storage().nbytes() for t in (self.positions, self.scores, self.n_pad) if t is not None)
+        state = (self.positions, self.scores, self.n_pad, self.queries)
+        return sum(t.untyped_storage().nbytes() for t in state if t is not None)
 
     def get_seq_length(self) -> int:
         """Logical length L: tokens seen, evicted ones included (queries' positions and masks depend on it)."""

@@ -80,6 +80,7 @@ def attention_mass(
     softcap: float | None = None,
     window: int | None = None,
     query_real: torch.Tensor | None = None,
+    reduce: str = "sum",
 ) -> torch.Tensor:
     """Softmax attention mass each key received, summed over the last `window` queries (None: all) and over the
     query heads of each kv head (GQA): `[B, H_kv, P]` fp32.
@@ -90,6 +91,8 @@ def attention_mass(
             (no padding; causal when q > 1).
         weights: `[B, H_q, q, P]` probabilities returned by eager attention: reused instead of recomputed.
         query_real: `[B, q]` bool, False for pad queries, whose rows are dropped (they attend to nothing real).
+        reduce: "sum" (attention mass) or "max" (the largest probability any of those queries and heads gave the key,
+            KVzip's score).
     """
     B, Hq, q, D = query.shape
     Hkv, P = key.shape[1], key.shape[2]
@@ -114,5 +117,15 @@ def attention_mass(
             probs = logits.softmax(dim=-1)  # (B, Hkv, G, n, P); NaN on fully masked (pad) rows, dropped below
         if query_real is not None:
             probs = torch.where(query_real[:, None, None, start:stop, None], probs, 0.0)
-        mass += probs.sum(dim=(2, 3))
+        if reduce == "max":
+            mass = torch.maximum(mass, probs.amax(dim=(2, 3)))
+        else:
+            mass += probs.sum(dim=(2, 3))
     return mass
+
+
+def recent_queries(previous: torch.Tensor | None, query: torch.Tensor, window: int) -> torch.Tensor:
+    """The `window` most recent rotated queries `[B, H_q, <= window, D]`: `previous` then this forward's `query`
+    `[B, H_q, q, D]`, cut to the last `window` (a compact copy, so the forward's queries are not kept alive)."""
+    recent = query if previous is None else torch.cat([previous, query], dim=2)
+    return recent[:, :, -window:].clone()

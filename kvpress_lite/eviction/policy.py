@@ -33,6 +33,11 @@ class ScoreInputs:
             forward; None when `uses_attention` is False.
         length: logical length L after this forward (tokens seen, evicted ones included).
         query_length: queries in this forward (q); the slots they added are the last q.
+        queries: `[batch, q_heads, w, head_dim]` rotated queries of the `w <= query_window` most recent tokens
+            (consecutive, the last one at L - 1), for policies with `query_window > 0`; else None.
+        valid: `[batch, kv_heads, P]` bool, False for padding entries of a per-head view whose heads hold unequal
+            numbers of slots (`adaptive=True`); None: every slot is real. Those entries' scores are discarded, but a
+            policy that normalizes over the slots (softmax) must leave them out.
     """
 
     keys: torch.Tensor
@@ -42,6 +47,8 @@ class ScoreInputs:
     previous: torch.Tensor | None = None
     length: int | None = None
     query_length: int | None = None
+    queries: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
 
 
 @dataclass
@@ -53,11 +60,26 @@ class EvictionPolicy:
             and its result is kept as the layer's scores (state such as H2O's accumulated mass lives there). If False,
             `score` runs only when the layer evicts, without attention.
         attention_window: how many of the most recent queries of a forward `attention` sums over (None: all of them).
+        query_window: how many of the most recent rotated queries the layer keeps for `ScoreInputs.queries` (0: none).
+        per_head: True if scores rank tokens comparably across kv heads, so per-head budgets (`adaptive=True`,
+            AdaKV) can spread a layer's budget over its heads by score; False for position or random scores and for
+            policies that share one ranking across heads (streaming, random, tova).
+        attention_reduce: how `attention` combines a forward's queries and a kv head's query heads: "sum" (mass) or
+            "max" (largest probability).
+        rereads: True if the layer keeps the whole prompt until the cache has re-read it (KVzip, `eviction/kvzip.py`);
+            eviction starts after that pass.
     """
 
     name: ClassVar[str] = ""
     uses_attention: ClassVar[bool] = False
     attention_window: ClassVar[int | None] = None
+    query_window: ClassVar[int] = 0
+    per_head: ClassVar[bool] = True
+    attention_reduce: ClassVar[str] = "sum"
+    rereads: ClassVar[bool] = False
+
+    def prepare(self, model) -> None:
+        """Read what the policy needs from the model once, when the cache is built (default: nothing)."""
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         """Return `[batch, kv_heads, P]` scores; the layer keeps the highest-scored slots."""

@@ -24,6 +24,8 @@ class RandomPolicy(EvictionPolicy):
     seed: int = 0
     _generators: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    per_head = False  # no ranking to compare across kv heads: per-head budgets (adaptive=True) do not apply
+
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         """`[batch, kv_heads, seq]` uniform random scores."""
         device = inputs.keys.device

@@ -20,6 +20,8 @@ class StreamingPolicy(EvictionPolicy):
     original rotation (the paper re-rotates into the cache; exact-position RoPE is what transformers models expect).
     """
 
+    per_head = False  # no ranking to compare across kv heads: per-head budgets (adaptive=True) do not apply
+
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         """`[batch, kv_heads, seq]` logical positions."""
         return inputs.positions.float()

@@ -24,6 +24,8 @@ class TOVAPolicy(EvictionPolicy):
     uses_attention = True
     attention_window = 1  # the last query only
 
+    per_head = False  # no ranking to compare across kv heads: per-head budgets (adaptive=True) do not apply
+
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         """`[batch, kv_heads, seq]` last-query attention, mean over kv heads (broadcast to every head)."""
         return inputs.attention.mean(dim=1, keepdim=True).expand_as(inputs.attention)
