@@ -120,19 +120,31 @@ def test_hub_lookup_unreachable_is_quick(monkeypatch):
     assert time.perf_counter() - start < 5
 
 
-def test_gguf_dtype_advice_is_dropped_only_during_the_load(caplog):
+def test_gguf_dtype_advice_is_dropped_only_during_the_load():
     import logging
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
 
     logger = logging.getLogger("transformers.quantizers.quantizer_gguf")
     advice = "Loading a GGUF checkpoint with its weights packed is fastest in float32, and this one was asked for..."
-    logger.addHandler(caplog.handler)  # transformers' loggers do not propagate to the root logger caplog watches
+    collect, propagate, level = Collect(), logger.propagate, logger.level
+    # our own handler, not caplog: whether transformers' loggers propagate depends on what ran before in the session
+    logger.addHandler(collect)
+    logger.propagate = False
+    logger.setLevel(logging.WARNING)
     try:
-        with caplog.at_level(logging.WARNING, logger=logger.name):
-            with models_module._quiet_gguf_dtype_advice():
-                logger.warning(advice)
-                logger.warning("another warning")
-            assert [r.getMessage() for r in caplog.records] == ["another warning"]
-            logger.warning(advice)  # outside our load: transformers' advice is untouched
+        with models_module._quiet_gguf_dtype_advice():
+            logger.warning(advice)
+            logger.warning("another warning")
+        assert collect.messages == ["another warning"]
+        logger.warning(advice)  # outside our load: transformers' advice is untouched
     finally:
-        logger.removeHandler(caplog.handler)
-    assert caplog.records[-1].getMessage() == advice and not logger.filters
+        logger.removeHandler(collect)
+        logger.propagate, logger.level = propagate, level
+    assert collect.messages[-1] == advice and not logger.filters
