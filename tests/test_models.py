@@ -146,5 +146,6 @@ def test_gguf_dtype_advice_is_dropped_only_during_the_load():
         logger.warning(advice)  # outside our load: transformers' advice is untouched
     finally:
         logger.removeHandler(collect)
-        logger.propagate, logger.level = propagate, level
+        logger.propagate = propagate
+        logger.setLevel(level)
     assert collect.messages[-1] == advice and not logger.filters
