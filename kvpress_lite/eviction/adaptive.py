@@ -114,7 +114,7 @@ class AdaptiveEvictionLayer(BatchStateMixin, CacheLayerMixin):
         B, H, q, D = key_states.shape
         if q == 1:
             self.in_prompt = False
-        if self.budget is None or (self.in_prompt and self.budget_spec.ratio is not None):
+        if self.budget_spec.due(self.budget, self.in_prompt):
             budget, self.slack = self.budget_spec.resolve(self.length + q)
             protected = self.budget_spec.sinks + self.budget_spec.recent
             self.budget = max(round(budget * self.layer_share), protected, 1)  # PyramidKV: this layer's share
@@ -234,9 +234,7 @@ class AdaptiveEvictionLayer(BatchStateMixin, CacheLayerMixin):
 
     def protected_scores(self) -> torch.Tensor:
         """Pool scores `[B, S]` with pads at -inf and sinks / recent tokens at +inf."""
-        rank = self.positions.long() - self.n_pad[:, None]
-        keep = (rank < self.budget_spec.sinks) | (self.positions >= self.length - self.budget_spec.recent)
-        return self.scores.masked_fill(keep, float("inf")).masked_fill(rank < 0, float("-inf"))
+        return self.budget_spec.protect(self.scores, self.positions, self.n_pad[:, None], self.length)
 
     def evict(self, index: torch.Tensor, valid: torch.Tensor) -> None:
         """Keep `budget x H_kv` slots per row: each head's `ceil(head_floor x budget)` best, then the best of the rest

@@ -87,7 +87,7 @@ class EvictionLayer(BridgedLayerMixin, BatchStateMixin, CacheLayerMixin):
         B, H, q, _ = key_states.shape
         if q == 1:
             self.in_prompt = False
-        if self.budget is None or (self.in_prompt and self.spec.ratio is not None):
+        if self.spec.due(self.budget, self.in_prompt):
             # A prompt fed in several forwards (generate(prefill_chunk_size=...)) gets the same final budget as one
             # forward: ratio x (tokens so far), evicting chunk by chunk, so prefill memory stays bounded too.
             self.budget, self.slack = self.spec.resolve(self.length + q)
@@ -142,9 +142,7 @@ class EvictionLayer(BridgedLayerMixin, BatchStateMixin, CacheLayerMixin):
 
     def protected_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """`scores` with pads at -inf (evicted first) and sinks / recent tokens at +inf (never evicted)."""
-        rank = self.positions.long() - self.n_pad[:, None, None]  # index among the row's real tokens; < 0: pad
-        keep = (rank < self.spec.sinks) | (self.positions >= self.length - self.spec.recent)
-        return scores.float().masked_fill(keep, float("inf")).masked_fill(rank < 0, float("-inf"))
+        return self.spec.protect(scores, self.positions, self.n_pad[:, None, None], self.length)
 
     def evict(self, budget: int, keys: torch.Tensor | None = None, values: torch.Tensor | None = None) -> None:
         """Keep the `budget` best slots per row and head, in position order, in new compact tensors.

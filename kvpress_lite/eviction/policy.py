@@ -130,6 +130,20 @@ class EvictionBudget:
         elif isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio <= 1:
             raise ValueError(f"ratio={self.ratio!r} must be a number in (0, 1] (fraction of the prompt kept)")
 
+    def due(self, budget: int | None, in_prompt: bool) -> bool:
+        """Whether a layer resolves its budget in this forward: its first, and every prompt forward of a ratio budget
+        (a prompt fed in chunks ends with the budget of one forward, evicting chunk by chunk on the way)."""
+        return budget is None or (in_prompt and self.ratio is not None)
+
+    def protect(self, scores: torch.Tensor, positions: torch.Tensor, n_pad: torch.Tensor, length: int) -> torch.Tensor:
+        """fp32 `scores` with pads at -inf (evicted first) and sinks / the `recent` last tokens at +inf (never evicted).
+
+        `positions`: logical index of each slot (same shape as `scores`); `n_pad`: left pads per row, shaped to
+        broadcast against `positions`; `length`: the logical length L."""
+        rank = positions.long() - n_pad  # index among the row's real tokens; < 0: pad
+        keep = (rank < self.sinks) | (positions >= length - self.recent)
+        return scores.float().masked_fill(keep, float("inf")).masked_fill(rank < 0, float("-inf"))
+
     def resolve(self, prompt_length: int) -> tuple[int, int]:
         """`(budget, slack)` in tokens; a ratio is applied to `prompt_length` and floored at max(1, sinks + recent)."""
         budget = self.budget
