@@ -534,3 +534,35 @@ def test_smollm2_memory_is_flat_and_scales_with_budget(smollm2):
         assert abs(nbytes - expected) <= 0.10 * expected
         assert abs(nbytes - budget / L * cache_nbytes(dynamic) - cache.metadata_nbytes()) <= 0.10 * expected
         assert cache.metadata_nbytes() <= 0.05 * nbytes
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_one_pass_decode_attention_equals_sdpa_and_eager_probabilities(mask_kind, softcap):
+    """A decode step's attention for attention-ranked policies (`observe.decode_attention`): output equal to the
+    model's attention over `repeat_kv` copies, probabilities equal to eager's, grouped heads, padded keys masked."""
+    from kvpress_lite.eviction import observe
+
+    torch.manual_seed(0)
+    B, Hq, Hkv, P, D = 2, 6, 2, 37, 16
+    query, key, value = torch.randn(B, Hq, 1, D), torch.randn(B, Hkv, P, D), torch.randn(B, Hkv, P, D)
+    allowed = torch.ones(B, 1, 1, P, dtype=torch.bool)
+    allowed[1, ..., :5] = False  # row 1: five left pads
+    mask = {"none": None, "bool": allowed,
+            "additive": torch.zeros(B, 1, 1, P).masked_fill(~allowed, torch.finfo(torch.float32).min)}[mask_kind]
+    out, probs = observe.decode_attention(query, key, value, mask, scaling=0.3, softcap=softcap)
+    k, v = key.repeat_interleave(Hq // Hkv, 1), value.repeat_interleave(Hq // Hkv, 1)
+    logits = query @ k.transpose(-1, -2) * 0.3
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if mask is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    expected = logits.softmax(-1)
+    assert out.shape == (B, 1, Hq, D) and probs.shape == (B, Hq, 1, P) and probs.dtype == torch.float32
+    torch.testing.assert_close(probs, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, (expected @ v).transpose(1, 2), atol=1e-5, rtol=1e-5)
+    if mask is not None:
+        assert probs[1, ..., :5].abs().max() == 0  # pads get nothing
+    # the refusals: prompts (q > 1) and attention variants it does not compute
+    assert observe.one_pass(query, {"scaling": 0.3}) and not observe.one_pass(query.expand(B, Hq, 2, D), {})
+    assert not observe.one_pass(query, {"sliding_window": 8}) and not observe.one_pass(query, {"dropout": 0.1})

@@ -25,10 +25,48 @@ def attend(layer, base, module, query, key, value, attention_mask, **kwargs):
         output = fused_path.attend(layer.store, query, attention_mask, kwargs, layer.fused_decode[1])
         if output is None:  # a mask/kwargs the kernel does not compute: base attention over a dequantized copy
             key, value = layer.store.read()
+    if output is None and layer.policy.uses_attention and one_pass(query, kwargs):
+        output, weights = decode_attention(query, key, value, attention_mask, kwargs.get("scaling"),
+                                           kwargs.get("softcap"))
     if output is None:
         output, weights = base(module, query, key, value, attention_mask, **kwargs)
     layer.observe(query, key, attention_mask, weights, scaling=kwargs.get("scaling"), softcap=kwargs.get("softcap"))
     return output, weights
+
+
+ONE_PASS_KWARGS = ("dropout", "sliding_window", "s_aux", "position_bias")  # attention variants one_pass refuses
+
+
+def one_pass(query: torch.Tensor, kwargs: dict) -> bool:
+    """True if this forward's attention can be `decode_attention`: one query token (a decode step; a prompt's
+    `[q, P]` probabilities would not fit), plain softmax attention (scaling, softcap) and no variant it does not
+    compute (dropout, sliding window, attention sinks, position bias)."""
+    return query.shape[-2] == 1 and not any(kwargs.get(k) for k in ONE_PASS_KWARGS)
+
+
+def decode_attention(query, key, value, attention_mask=None, scaling=None, softcap=None):
+    """A decode step's attention and its probabilities in one pass (the model's SDPA would return no probabilities,
+    so attention-ranked policies would compute the logits a second time; on a GPU, SDPA with a mask whose key length
+    changes every step also re-plans its cuDNN kernel every step).
+
+    Args: `query` `[B, H_q, q, D]`, `key`/`value` `[B, H_kv, P, D]` (grouped-query heads read their KV head without a
+    `repeat_kv` copy), `attention_mask` bool `[B, 1, q, P]` (True = attend), additive float, or None.
+    Returns: output `[B, q, H_q, D]` (what the model's attention functions return) and fp32 probabilities
+    `[B, H_q, q, P]`.
+    """
+    B, Hq, q, D = query.shape
+    Hkv, P = key.shape[1], key.shape[2]
+    scaling = D**-0.5 if scaling is None else scaling
+    logits = torch.matmul(query.reshape(B, Hkv, (Hq // Hkv) * q, D), key.transpose(-1, -2)).float() * scaling
+    logits = logits.view(B, Hq, q, P)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if attention_mask is not None:
+        mask = attention_mask[..., :P]
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
+    probs = logits.softmax(dim=-1)
+    out = torch.matmul(probs.to(value.dtype).view(B, Hkv, (Hq // Hkv) * q, P), value)  # (B, Hkv, G q, D)
+    return out.view(B, Hq, q, D).transpose(1, 2).contiguous(), probs
 
 
 def fuses(layer, q: int) -> bool:
