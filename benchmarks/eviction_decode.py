@@ -4,8 +4,8 @@ Llama-3.1-8B's shape with random bf16 weights (`gpu_decode.build_model`). Every 
 step (`generate_steps.measure_generate`: CUDA events recorded by a logits processor, a step = the gap between two;
 first a short warm-up `generate` whose time, compile and CUDA-graph recording included, is reported apart as
 `warmup_s`; then `cache.reset()` and the measured run, median over its steps). Per shape, in this order:
-DynamicCache (run 1), StaticCache compiled, fixed-slot bf16 and int4 compiled (budget = `--ratio` of the prompt),
-DynamicCache again last (run 2, the warm figure). Flatness: the fixed-slot caches at the same budget in tokens
+DynamicCache, StaticCache compiled, fixed-slot bf16 and int4 compiled (budget = `--ratio` of the prompt),
+DynamicCache again last (the warm figure ratios use). Flatness: the fixed-slot caches at the same budget in tokens
 (`--flat-budget`) for each `--flat-lengths` prompt. Capacity (`--capacity-length`): the largest batch whose compiled
 fixed-slot int4 decode fits, and DynamicCache's, with tokens/s; to keep the lease short the prompt is prefilled once
 (batch 1) and replicated with `batch_repeat_interleave` (the bytes a batch-B prefill leaves), then `generate`
@@ -27,20 +27,31 @@ import torch
 import transformers
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.eviction_decode
-    from generate_steps import GENERATE_CACHES, StepClock, _generate, measure_generate, reset_compiled_state, step_ms
-    from gpu_decode import build_model, prefill
-except ImportError:  # pragma: no cover
-    from benchmarks.generate_steps import (
+    from generate_steps import (
+        AGAIN,
         GENERATE_CACHES,
         StepClock,
         _generate,
         measure_generate,
+        print_table,
+        reset_compiled_state,
+        step_ms,
+    )
+    from gpu_decode import build_model, prefill
+except ImportError:  # pragma: no cover
+    from benchmarks.generate_steps import (
+        AGAIN,
+        GENERATE_CACHES,
+        StepClock,
+        _generate,
+        measure_generate,
+        print_table,
         reset_compiled_state,
         step_ms,
     )
     from benchmarks.gpu_decode import build_model, prefill
 
-from kvpress_lite import FixedSlotEvictionCache, cache_nbytes
+from kvpress_lite import EvictionCache, FixedSlotEvictionCache, cache_nbytes
 
 
 def fixed_slot(policy: str, bits, ratio=None, budget=None):
@@ -57,6 +68,20 @@ def add_caches(policy: str, ratio: float, budget: int) -> dict[str, list[str]]:
         GENERATE_CACHES[flat] = fixed_slot(policy, bits, budget=budget)
         labels["grid"].append(grid)
         labels["flat"].append(flat)
+    return labels
+
+
+def add_uncompiled(policies: list[str], ratio: float) -> list[str]:
+    """Register `EvictionCache` rows (uncompiled, growing: timed warm, first run apart) for `policies`, bf16 and
+    int4; returns their labels."""
+    labels = []
+    for policy in policies:
+        for bits, name in ((None, "bf16"), (4, "int4")):
+            label = f"EvictionCache {policy} {ratio} {name}"
+            GENERATE_CACHES[label] = (
+                lambda model, n, policy=policy, bits=bits: EvictionCache(model, policy=policy, ratio=ratio, bits=bits),
+                False)
+            labels.append(label)
     return labels
 
 
@@ -116,29 +141,14 @@ def capacity(model, label, length, args, compile_config, weights) -> dict:
     return dict(cache=label, length=length, error=f"out of memory at batches {tried}")
 
 
-def print_rows(rows, title: str) -> None:
-    print(f"\n{title}\n| length x batch | cache | ms/step | vs DynamicCache (run 2) | vs StaticCache compiled | "
-          "warm-up s | KV GiB | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['length']} x {r['batch']} | {r['cache']} | error: {r['error'][:160]} | | | | | |")
-            continue
-        same = {x["cache"]: x["ms_per_step"] for x in rows
-                if x["length"] == r["length"] and x["batch"] == r["batch"] and "ms_per_step" in x}
-        ratio = [r["ms_per_step"] / same[k] if k in same else float("nan")
-                 for k in ("DynamicCache (run 2)", "StaticCache compiled")]
-        peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else ""
-        print(f"| {r['length']} x {r['batch']} | {r['cache']} | {r['ms_per_step']:.2f} | {ratio[0]:.2f} | "
-              f"{ratio[1]:.2f} | {r['warmup_s']:.1f} | {r['kv_gib']:.3f} | {peak} |")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--grid", nargs="*", default=["8192x1", "8192x8", "32768x4"], help="LENGTHxBATCH points")
     parser.add_argument("--policy", default="h2o", help="fixed-slot policy (h2o, tova, snapkv, ...)")
     parser.add_argument("--ratio", type=float, default=0.25, help="fixed-slot budget as a fraction of the prompt")
+    parser.add_argument("--uncompiled", nargs="*", default=[], metavar="POLICY",
+                        help="also time the uncompiled EvictionCache with these policies, bf16 and int4")
     parser.add_argument("--flat-lengths", nargs="*", type=int, default=[8192, 32768])
     parser.add_argument("--flat-batch", type=int, default=4)
     parser.add_argument("--flat-budget", type=int, default=2048, help="tokens kept for every flatness prompt")
@@ -159,6 +169,7 @@ def main() -> None:
     torch._dynamo.config.cache_size_limit = 64
     model = build_model(args.layers, args.device, args.small)
     labels = add_caches(args.policy, args.ratio, args.flat_budget)
+    labels["grid"] += add_uncompiled(args.uncompiled, args.ratio)
     weights = torch.cuda.memory_allocated() if args.device == "cuda" else 0
     compile_config = None
     if args.device == "cuda":
@@ -182,10 +193,10 @@ def main() -> None:
     for point in args.grid:
         length, batch = (int(x) for x in point.split("x"))
         ids = torch.randint(10, vocab, (batch, length), device=args.device)
-        rows.append(run(ids, "DynamicCache", "DynamicCache (run 1)"))
+        rows.append(run(ids, "DynamicCache"))
         for label in ["StaticCache compiled", *args.also] + labels["grid"]:
             rows.append(run(ids, label))
-        rows.append(run(ids, "DynamicCache", "DynamicCache (run 2)"))
+        rows.append(run(ids, "DynamicCache", "DynamicCache" + AGAIN))
     for length in args.flat_lengths:
         ids = torch.randint(10, vocab, (args.flat_batch, length), device=args.device)
         for label in labels["flat"]:
@@ -196,8 +207,9 @@ def main() -> None:
             cap_rows.append(row)
             print(json.dumps(row), flush=True)
 
-    print_rows(rows, f"Decode step through generate, fixed-slot {args.policy} at ratio {args.ratio}")
-    print_rows(flat_rows, f"Flatness: fixed-slot {args.policy}, budget {args.flat_budget} tokens, batch "
+    print_table(rows, f"Decode step through generate, fixed-slot {args.policy} at ratio {args.ratio}")
+    if flat_rows:
+        print_table(flat_rows, f"Flatness: fixed-slot {args.policy}, budget {args.flat_budget} tokens, batch "
                f"{args.flat_batch}")
     for label in labels["flat"]:
         ms = {r["length"]: r["ms_per_step"] for r in flat_rows if r["cache"] == label and "ms_per_step" in r}

@@ -132,10 +132,11 @@ def measure_generate(model, ids, label, new_tokens=64, warm_tokens=8, skip=4, we
     return row
 
 
-def print_table(rows) -> None:
-    """Markdown table of `measure_generate` rows; ratios against the same shape's DynamicCache (its last measurement)
-    and StaticCache rows; a growing cache's first run at the shape in its own column."""
-    print("\n| length x batch | cache | ms/step | first run ms/step | vs DynamicCache | vs StaticCache compiled | "
+def print_table(rows, title: str = "") -> None:
+    """Markdown table of `measure_generate` rows under `title`; ratios against the same shape's DynamicCache (its last
+    measurement) and StaticCache rows; a growing cache's first run at the shape in its own column."""
+    print(f"\n{title}" if title else "")
+    print("| length x batch | cache | ms/step | first run ms/step | vs DynamicCache | vs StaticCache compiled | "
           "warm-up s | KV GiB | peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -19,14 +19,15 @@ def test_eviction_decode_benchmark_runs_on_cpu(tmp_path):
     proc = subprocess.run(
         [sys.executable, "benchmarks/eviction_decode.py", "--device", "cpu", "--small", "--grid", "128x2",
          "--flat-lengths", "128", "256", "--flat-budget", "32", "--flat-batch", "1", "--capacity-length", "128",
-         "--max-batch", "2", "--tokens", "4", "--json", str(out)],
+         "--max-batch", "2", "--tokens", "4", "--uncompiled", "h2o", "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
     grid = [r["cache"] for r in result["generate"]]
-    assert grid == ["DynamicCache (run 1)", "StaticCache compiled", "fixed-slot h2o 0.25 bf16 compiled",
-                    "fixed-slot h2o 0.25 int4 compiled", "DynamicCache (run 2)"]
+    assert grid == ["DynamicCache", "StaticCache compiled", "fixed-slot h2o 0.25 bf16 compiled",
+                    "fixed-slot h2o 0.25 int4 compiled", "EvictionCache h2o 0.25 bf16", "EvictionCache h2o 0.25 int4",
+                    "DynamicCache (again, last)"]
     assert len(result["flat"]) == 4 and len(result["capacity"]) == 2
     for row in result["generate"] + result["flat"] + result["capacity"]:
         assert "error" not in row, row
@@ -35,6 +36,9 @@ def test_eviction_decode_benchmark_runs_on_cpu(tmp_path):
     dynamic = result["generate"][0]["kv_gib"]
     assert fixed["fixed-slot h2o 0.25 bf16 compiled"] < 0.4 * dynamic  # budget 32 of 128 + 4 tokens
     assert fixed["fixed-slot h2o 0.25 int4 compiled"] < fixed["fixed-slot h2o 0.25 bf16 compiled"]
+    uncompiled = {r["cache"]: r for r in result["generate"] if r["cache"].startswith("EvictionCache")}
+    assert all(not r["compiled"] and r["first_ms_per_step"] > 0 for r in uncompiled.values())
+    assert uncompiled["EvictionCache h2o 0.25 bf16"]["kv_gib"] < 0.4 * dynamic
     flat = {(r["cache"], r["length"]): r["kv_gib"] for r in result["flat"]}
     assert flat[("fixed-slot h2o 32 bf16 compiled", 128)] == flat[("fixed-slot h2o 32 bf16 compiled", 256)]
     assert "| 128 x 2 | fixed-slot h2o 0.25 int4 compiled |" in proc.stdout and "tokens/s" in proc.stdout
