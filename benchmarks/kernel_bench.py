@@ -15,7 +15,8 @@ median): ms, bytes read, TB/s, % of copy bandwidth, speedup over SDPA. Rows prin
 probabilities summed over the query heads, what attention-ranked eviction scores from) and with per-entry validity
 (`positions`, the fixed-slot cache's mode) plus probabilities, each checked against the reference first; and, per
 shape and bit width, the fixed-slot layer's torch path over the same storage (slots dequantized, matmul, masked
-softmax, matmul, probabilities summed; eager and torch.compile'd), and the same over bf16 slots. The fixed-slot
+softmax, matmul, probabilities summed; eager and torch.compile'd), the same over bf16 slots, and the kernel over
+those bf16 slots as its full-precision residual (`FixedSlotEvictionCache(bf16_kernel=True)`). The fixed-slot
 storage is per-token keys, channel-packed values, G = 32, a 16-token ring:
 
     python benchmarks/kernel_bench.py --probs --key-mode token --group-size 32 --residual 16 \
@@ -274,7 +275,27 @@ def main(argv=None):
             ref_bf16 = torch_path(q.float(), keys.float(), values.float(), positions, n_pad, d ** -0.5)
             rows.extend(time_torch_paths(args, shape, "bf16", lambda: torch_path(q, keys, values, positions, n_pad,
                                                                                d ** -0.5), ref_bf16))
-            keys = values = None
+            # the kernel over the same bf16 entries as its full-precision residual (FixedSlotEvictionCache's
+            # bf16_kernel=True): bits=8 and group_size=D only pick the residual-only launch's variant
+            res_only = PackedKV(None, None, None, None, None, None, keys, values, bits=8, group_size=d,
+                                key_mode="token")
+
+            def fb(pk=res_only, q=q, p=positions, ks=n_pad):
+                return td.triton_decode_attention(q, pk, ks, d ** -0.5, 0.0, positions=p, return_probs=True)
+
+            try:
+                o, pr = fb()
+                err = max(rel(o, ref_bf16[0]), rel(pr, ref_bf16[1]))
+                ms = bench(fb, graph=True, rep=args.rep)
+                nbytes = packed_bytes(res_only)
+                rows.append(dict(shape=shape, name="bf16 kernel (residual path)+positions+probs", ms=ms, bytes=nbytes,
+                                 tbs=nbytes / (ms * 1e-3) / 1e12, copy_pct=100 * nbytes / (ms * 1e-3) / copy_bw,
+                                 vs_sdpa=t_sdpa / ms, err=err, ok=err < 2e-2))
+                print(f"[{shape}] bf16 kernel (residual path) + positions + probs: {ms:.4f} ms, err {err:.1e}",
+                      flush=True)
+            except Exception as exc:
+                print(f"[{shape}] bf16 kernel: failed {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            keys = values = res_only = None
             dump()
 
     print("\n| shape | what | config | ms | MB read | TB/s | % copy bw | vs SDPA | rel err |")

@@ -77,5 +77,5 @@ def test_kernel_bench_probs_runs_on_cpu_interpreted(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     names = [r["name"] for r in rows]
     assert names == ["sdpa-bf16", "torch path int4 eager", "int4", "int4+probs", "int4+positions+probs",
-                     "torch path bf16 eager"], names
+                     "torch path bf16 eager", "bf16 kernel (residual path)+positions+probs"], names
     assert all(r.get("ok", True) for r in rows), rows

@@ -128,13 +128,14 @@ def _compile_config():
     return config
 
 
-def fixed_slot_run(policy, bits, impl=None, new_tokens=20, compile_config=None, device="cpu"):
-    """(tokens, logits, scores of layer 0) of greedy decoding through a fixed-slot cache (tiny Llama, batch 2, one
-    row left-padded, evicting: budget 24 of 60), the seam's "auto" replaced by `impl` when given."""
+def fixed_slot_run(policy, bits, impl=None, new_tokens=20, compile_config=None, device="cpu", bf16_kernel=False):
+    """(tokens, logits, scores and positions of layer 0) of greedy decoding through a fixed-slot cache (tiny Llama,
+    batch 2, one row left-padded, evicting: budget 24 of 60), the seam's "auto" replaced by `impl` when given."""
     model = tiny_llama().to(device)
     ids, mask = left_padded_prompt()
     kwargs = {} if compile_config is None else {"compile_config": compile_config}
-    with FixedSlotEvictionCache(model, policy=policy, bits=bits, group_size=16, **SMALL) as cache:
+    with FixedSlotEvictionCache(model, policy=policy, bits=bits, group_size=16, bf16_kernel=bf16_kernel,
+                                **SMALL) as cache:
         with kernels.prefer(impl) if impl else _nothing():
             seq, logits = greedy_with_logits(model, cache, ids.to(device), mask.to(device), new_tokens, **kwargs)
         return seq, logits, cache.layers[0].scores.clone(), cache.layers[0].positions.clone()
@@ -160,13 +161,14 @@ def counting(name):
         object.__setattr__(impl, "probs_fn", original)
 
 
-@pytest.mark.parametrize(("policy", "bits"), [("h2o", 4), ("tova", 8), ("knorm", 4)])
+@pytest.mark.parametrize(("policy", "bits"), [("h2o", 4), ("tova", 8), ("knorm", 4), ("snapkv", None)])
 def test_fixed_slot_seam_with_the_reference_equals_the_torch_path(policy, bits):
-    """`prefer("torch")`: the step runs through `decode_probs` (packed slots, ring as residual, validity by positions)
-    with the fp32 reference; the same tokens, logits and policy scores as the layer's own torch path."""
+    """`prefer("torch")`: the step runs through `decode_probs` (packed slots, ring as residual, validity by positions;
+    full-precision slots with `bf16_kernel`: every entry as the residual) with the fp32 reference; the same tokens,
+    logits and policy scores as the layer's own torch path."""
     seq_ref, logits_ref, scores_ref, pos_ref = fixed_slot_run(policy, bits)
     with counting("torch") as calls:
-        seq, logits, scores, pos = fixed_slot_run(policy, bits, impl="torch")
+        seq, logits, scores, pos = fixed_slot_run(policy, bits, impl="torch", bf16_kernel=bits is None)
     assert calls and all(c == (policy != "knorm") for c in calls)  # probabilities only for attention policies
     assert torch.equal(seq, seq_ref) and torch.equal(pos, pos_ref)
     torch.testing.assert_close(logits, logits_ref, atol=1e-5, rtol=1e-5)
@@ -274,10 +276,11 @@ def run_interpret_cases() -> dict:
                                                               cap["scaling"], 0.0, positions)
         out, probs = _kernel(cap, kv_start, 0.0, positions, extra, lengths)
         results[name] = _compare(out, probs, ref_out, ref_probs, dtype)
-    for policy, bits in (("h2o", 4), ("tova", 8)):  # the fixed-slot step through the kernel
+    for policy, bits in (("h2o", 4), ("tova", 8), ("h2o", None)):  # the fixed-slot step through the kernel
         seq_ref, logits_ref, scores_ref, pos_ref = fixed_slot_run(policy, bits, new_tokens=12)
         with counting("triton") as calls:
-            seq, logits, scores, pos = fixed_slot_run(policy, bits, impl="triton", new_tokens=12)
+            seq, logits, scores, pos = fixed_slot_run(policy, bits, impl="triton", new_tokens=12,
+                                                      bf16_kernel=bits is None)
         results[f"fixed-slot-{policy}-int{bits}"] = {
             "kernel_calls": len(calls), "probs_every_call": all(calls),
             "tokens_equal": bool(torch.equal(seq, seq_ref)), "positions_equal": bool(torch.equal(pos, pos_ref)),
@@ -305,10 +308,11 @@ def test_kernel_probs_match_reference_interpreted(interpret_results, case):
     assert res["out_err"] < tol and res["probs_err"] < tol, res
 
 
-@pytest.mark.parametrize("case", ["fixed-slot-h2o-int4", "fixed-slot-tova-int8"])
+@pytest.mark.parametrize("case", ["fixed-slot-h2o-int4", "fixed-slot-tova-int8", "fixed-slot-h2o-intNone"])
 def test_fixed_slot_kernel_path_matches_torch_path_interpreted(interpret_results, case):
-    """The fixed-slot step with the Triton kernel (interpreter, fp32): the torch path's tokens, kept positions,
-    logits and policy scores (within float rounding)."""
+    """The fixed-slot step with the Triton kernel (interpreter, fp32; "intNone": full-precision slots with
+    `bf16_kernel`, every entry the kernel's residual): the torch path's tokens, kept positions, logits and policy
+    scores (within float rounding)."""
     res = interpret_results[case]
     assert res["kernel_calls"] == 2 * 11 and res["probs_every_call"], res  # 2 layers x 11 decode steps
     assert res["tokens_equal"] and res["positions_equal"], res
@@ -356,14 +360,14 @@ def test_kernel_probs_match_reference_cuda(case):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernel at real shapes)")
-@pytest.mark.parametrize(("policy", "bits"), [("h2o", 4), ("tova", 8)])
+@pytest.mark.parametrize(("policy", "bits"), [("h2o", 4), ("tova", 8), ("h2o", None)])
 def test_fixed_slot_kernel_path_cuda(policy, bits):
-    """On CUDA the fixed-slot step runs the kernel ("auto"); fp32 tiny Llama with head_dim 64 (the kernel needs >= 16
-    code bytes per token): the reference path's tokens, positions, logits and scores; then compiled by `generate`
-    (inductor, CUDA graphs) the same tokens."""
+    """On CUDA the fixed-slot step runs the kernel ("auto"; bits None: `bf16_kernel=True`); fp32 tiny Llama with
+    head_dim 64 (the kernel needs >= 16 code bytes per token): the reference path's tokens, positions, logits and
+    scores; then compiled by `generate` (inductor, CUDA graphs) the same tokens."""
     pytest.importorskip("triton", reason="triton is not installed (optional dependency)")
     run = functools.partial(_cuda_fixed_slot_run, policy, bits)
-    assert kernels.probs_impl("auto", torch.device("cuda"), torch.float32, 64, bits, 16, "token").name == "triton"
+    assert kernels.probs_impl("auto", torch.device("cuda"), torch.float32, 64, bits or 8, 16, "token").name == "triton"
     seq_ref, logits_ref, scores_ref, pos_ref = run(impl="torch")
     seq, logits, scores, pos = run()
     assert torch.equal(seq, seq_ref) and torch.equal(pos, pos_ref)
@@ -377,7 +381,9 @@ def _cuda_fixed_slot_run(policy, bits, impl=None, compiled=False):
     model = tiny_llama(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64).cuda()
     ids, mask = left_padded_prompt()
     kwargs = {} if compiled else {"disable_compile": True}
-    with FixedSlotEvictionCache(model, policy=policy, bits=bits, group_size=16, **SMALL) as cache:
-        with kernels.prefer(impl) if impl else _nothing():
+    with FixedSlotEvictionCache(model, policy=policy, bits=bits, group_size=16, bf16_kernel=bits is None,
+                                **SMALL) as cache:
+        with kernels.prefer(impl) if impl else _nothing(), counting("triton") as calls:
             seq, logits = greedy_with_logits(model, cache, ids.cuda(), mask.cuda(), 20, **kwargs)
+        assert impl == "torch" or compiled or len(calls) == 2 * 19  # eager "auto": the kernel every layer and step
         return seq, logits, cache.layers[0].scores.clone(), cache.layers[0].positions.clone()

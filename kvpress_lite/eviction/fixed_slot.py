@@ -59,15 +59,19 @@ class FixedSlotLayer(CacheLayerMixin):
     Args:
         policy: the `EvictionPolicy`. spec: an `EvictionBudget` (`recent` is the ring's length W).
         layer_idx: the model layer. make_store: `(slots, window) -> SlotKV`, the storage kind.
+        bf16_kernel: full-precision slots too run the decode seam (the Triton kernel's residual path over all
+            entries, CUDA) instead of the torch path; off by default until measured (docs/fixed-slot-eviction.md).
     """
 
     is_sliding = False
     is_croppable = False
     is_compileable = True
 
-    def __init__(self, policy: EvictionPolicy, spec: EvictionBudget, layer_idx: int, make_store):
+    def __init__(self, policy: EvictionPolicy, spec: EvictionBudget, layer_idx: int, make_store,
+                 bf16_kernel: bool = False):
         super().__init__()
         self.policy, self.spec, self.layer_idx, self.make_store = policy, spec, layer_idx, make_store
+        self.bf16_kernel = bool(bf16_kernel)
         self.window = spec.recent
         self.prompt = EvictionLayer(policy, spec, layer_idx)  # the prompt's eviction (full precision)
         self.store = self.positions = self.scores = self.n_pad = self.length = None
@@ -150,8 +154,8 @@ class FixedSlotLayer(CacheLayerMixin):
         self._write_step(key_states[:, :, 0], value_states[:, :, 0])
         # --- attention-bridge handshake (one place; the bridge then calls `attend`) ---
         self._pending = True
-        if self._seam(key_states) is not None:  # the kernel reads the packed slots: no dequantized copy
-            returned = (self.store.ring_keys, self.store.ring_values)
+        if getattr(self.store, "bits", None) and self._seam(key_states) is not None:
+            returned = (self.store.ring_keys, self.store.ring_values)  # the kernel reads the codes: no dequantized copy
         else:
             returned = self.store.read()
         attention_bridge.expect(self, returned[0])
@@ -204,11 +208,14 @@ class FixedSlotLayer(CacheLayerMixin):
     def _seam(self, like: torch.Tensor):
         """The decode seam's implementation that runs this step over the packed slots, or None (the torch path):
         quantized slots and an implementation `select` picks that also returns probabilities (`probs_impl`: on CUDA
-        the Triton kernel; on a CPU none unless forced with `kernels.prefer("triton" | "torch")`). bf16 slots always
-        take the torch path (compiled with the step; no bf16 kernel variant yet)."""
+        the Triton kernel; on a CPU none unless forced with `kernels.prefer("triton" | "torch")`). Full-precision
+        slots take the torch path (compiled with the step) unless `bf16_kernel`: then every entry is the kernel's
+        full-precision residual (`SlotKV.packed`)."""
         bits = getattr(self.store, "bits", None)
         if bits is None:
-            return None
+            if not self.bf16_kernel:
+                return None
+            return probs_impl(AUTO, like.device, like.dtype, like.shape[-1], 8, like.shape[-1], "token")
         return probs_impl(AUTO, like.device, like.dtype, like.shape[-1], bits, self.store.group_size, "token")
 
     def attend(self, base, module, query, key, value, attention_mask, **kwargs):

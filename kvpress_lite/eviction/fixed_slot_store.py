@@ -75,6 +75,13 @@ class SlotKV:
         """Keys and values `[B, H, S + W, D]` attention reads: the buffers themselves."""
         return self.keys, self.values
 
+    def packed(self) -> PackedKV:
+        """All S + W entries as the decode seam's full-precision residual (no history), read by the Triton kernel's
+        residual splits (`FixedSlotEvictionCache(bf16_kernel=True)`); `bits=8` and `group_size=D` only pick the
+        residual-only launch's variant (v3: one dot over all channels per tile)."""
+        d = self.keys.shape[-1]
+        return PackedKV.view(None, None, None, None, None, None, self.keys, self.values, 8, d, key_mode="token")
+
     def reorder(self, index: torch.Tensor) -> None:
         """Reorder the batch in place (beam search), keeping every address."""
         for name in self.state_names:
