@@ -175,6 +175,20 @@ def test_fixed_slot_seam_with_the_reference_equals_the_torch_path(policy, bits):
     torch.testing.assert_close(scores, scores_ref, atol=1e-5, rtol=1e-5)
 
 
+def test_fixed_slot_kernel_impl_option():
+    """`kernel_impl="torch"` forces the seam per cache (no `prefer`), "sdpa" keeps the torch step; a bad value raises
+    naming the parameter."""
+    model = tiny_llama()
+    ids, mask = left_padded_prompt()
+    for impl, expected in (("torch", True), ("sdpa", False)):
+        with FixedSlotEvictionCache(model, bits=4, group_size=16, kernel_impl=impl, **SMALL) as cache:
+            with counting("torch") as calls:
+                greedy_with_logits(model, cache, ids, mask, 3)
+        assert bool(calls) == expected, impl
+    with pytest.raises(ValueError, match="kernel_impl='bogus'"):
+        FixedSlotEvictionCache(model, bits=4, kernel_impl="bogus")
+
+
 def test_fixed_slot_seam_compiled_by_generate_is_one_graph():
     """The seam's op inside generate's compiled step (aot_eager, fullgraph, a recompile raises): one graph, the
     uncompiled tokens and scores."""

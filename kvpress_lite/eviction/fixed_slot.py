@@ -61,6 +61,8 @@ class FixedSlotLayer(CacheLayerMixin):
         layer_idx: the model layer. make_store: `(slots, window) -> SlotKV`, the storage kind.
         bf16_kernel: full-precision slots too run the decode seam (the Triton kernel's residual path over all
             entries, CUDA) instead of the torch path; off by default until measured (docs/fixed-slot-eviction.md).
+        kernel_impl: the seam's implementation asked for ("auto"; "sdpa", which returns no probabilities, keeps the
+            torch step everywhere; "triton" / "torch" force one).
     """
 
     is_sliding = False
@@ -68,10 +70,10 @@ class FixedSlotLayer(CacheLayerMixin):
     is_compileable = True
 
     def __init__(self, policy: EvictionPolicy, spec: EvictionBudget, layer_idx: int, make_store,
-                 bf16_kernel: bool = False):
+                 bf16_kernel: bool = False, kernel_impl: str = AUTO):
         super().__init__()
         self.policy, self.spec, self.layer_idx, self.make_store = policy, spec, layer_idx, make_store
-        self.bf16_kernel = bool(bf16_kernel)
+        self.bf16_kernel, self.kernel_impl = bool(bf16_kernel), kernel_impl
         self.window = spec.recent
         self.prompt = EvictionLayer(policy, spec, layer_idx)  # the prompt's eviction (full precision)
         self.store = self.positions = self.scores = self.n_pad = self.length = None
@@ -215,8 +217,9 @@ class FixedSlotLayer(CacheLayerMixin):
         if bits is None:
             if not self.bf16_kernel:
                 return None
-            return probs_impl(AUTO, like.device, like.dtype, like.shape[-1], 8, like.shape[-1], "token")
-        return probs_impl(AUTO, like.device, like.dtype, like.shape[-1], bits, self.store.group_size, "token")
+            return probs_impl(self.kernel_impl, like.device, like.dtype, like.shape[-1], 8, like.shape[-1], "token")
+        return probs_impl(self.kernel_impl, like.device, like.dtype, like.shape[-1], bits, self.store.group_size,
+                          "token")
 
     def attend(self, base, module, query, key, value, attention_mask, **kwargs):
         """Step 3 (called by the attention bridge): `[B, 1, H_q, D]` attention over the valid entries, and the scores.
@@ -234,7 +237,7 @@ class FixedSlotLayer(CacheLayerMixin):
         scaling = kwargs.get("scaling") or d**-0.5
         if self._seam(query) is not None:  # one kernel pass: output and per-entry probabilities
             out, mass = decode_probs(query, self.store.packed(), self.n_pad, scaling, kwargs.get("softcap"),
-                                     self.positions, self.policy.uses_attention)
+                                     self.positions, self.policy.uses_attention, self.kernel_impl)
             if self.policy.uses_attention:
                 inputs = ScoreInputs(None, None, self.positions, mass, self.scores, self.length, 1)
                 self.scores.copy_(self.policy.score(inputs))
