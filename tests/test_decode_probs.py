@@ -222,6 +222,7 @@ PROB_CASES = [
      {"num_splits": 7, "block_n": 16}, True),
     ("v3-residual-only-pos", 2, 2, 2, 1, 32, 0, 45, 4, 16, "channel", "float32", [0, 9], 0.0, {}, True),
     ("v3-all-padding-row", 2, 1, 2, 1, 32, 32, 5, 4, 16, "channel", "float32", [0, 37], 0.0, {}, False),
+    ("v3-q16-gq2-pos", 1, 2, 2, 16, 32, 64, 9, 4, 16, "channel", "float32", [5], 0.0, {}, True),
     ("v4t-int4-channel-gq4", 2, 2, 4, 1, 64, 96, 19, 4, 32, "channel", "float32", [0, 37], 0.0,
      {"layout": "token"}, False),
     ("v4t-int4-token-keys-pos-softcap", 2, 2, 4, 1, 64, 77, 19, 4, 32, "token", "float32", [0, 37], 5.0,
@@ -374,6 +375,44 @@ def test_kernel_probs_match_reference_cuda(case):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernel at real shapes)")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kernel_probs_cuda_graph_cuda(bits):
+    """One CUDA graph of the fixed-slot launch (positions + probabilities, per-token keys, G = 32: v2) replayed while
+    positions, n_pad and a slot's codes change in place, as a compiled decode step does: each replay equals the
+    reference on the current data."""
+    pytest.importorskip("triton", reason="triton is not installed (optional dependency)")
+    from kvpress_lite.kernels import triton_decode
+
+    b, hkv, gq, d, s, w = 4, 8, 4, 128, 2048, 16
+    inp = make_inputs(b, hkv, gq, 1, d, s, w, bits, 32, "token", device="cuda", seed=bits)
+    packed = packed_of(inp)
+    positions = entry_positions(b, hkv, s + w, seed=bits).cuda()
+    n_pad = torch.tensor([0, 3, 40, 0], device="cuda")
+
+    def launch():
+        return triton_decode.triton_decode_attention(inp["query"], packed, n_pad, inp["scaling"], 0.0,
+                                                     positions=positions, return_probs=True)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            launch()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, probs = launch()
+    for step in range(3):
+        positions.copy_(entry_positions(b, hkv, s + w, seed=100 + step).cuda())
+        n_pad.copy_(torch.tensor([step, 0, 7 * step, 1], device="cuda"))
+        packed.key_codes[:, :, step].random_(0, 256)
+        graph.replay()
+        ref_out, ref_probs = reference_decode_attention_probs(inp["query"], packed, n_pad, inp["scaling"], 0.0,
+                                                              positions)
+        assert rel_err(out, ref_out) < 1e-2 and rel_err(probs, ref_probs) < 1e-2, step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernel at real shapes)")
 @pytest.mark.parametrize(("policy", "bits"), [("h2o", 4), ("tova", 8), ("h2o", None)])
 def test_fixed_slot_kernel_path_cuda(policy, bits):
     """On CUDA the fixed-slot step runs the kernel ("auto"; bits None: `bf16_kernel=True`); fp32 tiny Llama with
@@ -387,8 +426,8 @@ def test_fixed_slot_kernel_path_cuda(policy, bits):
     assert torch.equal(seq, seq_ref) and torch.equal(pos, pos_ref)
     assert rel_err(logits, logits_ref) < 1e-4 and rel_err(scores, scores_ref) < 1e-4
     torch._dynamo.reset()
-    seq_c, _, scores_c, _ = run(compiled=True)
-    assert torch.equal(seq_c, seq_ref) and rel_err(scores_c, scores_ref) < 1e-4
+    seq_c, logits_c, scores_c, _ = run(compiled=True)
+    assert torch.equal(seq_c, seq) and rel_err(logits_c, logits) < 1e-4 and rel_err(scores_c, scores) < 1e-4
 
 
 def _cuda_fixed_slot_run(policy, bits, impl=None, compiled=False):

@@ -1419,9 +1419,10 @@ def triton_decode_attention(query: torch.Tensor, packed: PackedKV, kv_start: tor
     )
     if not return_probs:
         return out
-    block = min(256, triton.next_power_of_2(n_tot))
+    block_r = triton.next_power_of_2(gq * nq)
+    block = min(256, triton.next_power_of_2(n_tot), max(16, 4096 // block_r))  # <= 4096 fp32 scores per program
     _decode_probs_kernel[(b * hkv, triton.cdiv(n_tot, block))](
-        lg, lse, probs, start, lens, t, r, hkv, M=gq * nq, BLOCK_R=triton.next_power_of_2(gq * nq), BLOCK=block,
+        lg, lse, probs, start, lens, t, r, hkv, M=gq * nq, BLOCK_R=block_r, BLOCK=block,
         HAS_START=kv_start is not None, HAS_POS=positions is not None, DYN_LEN=packed.lengths is not None,
         num_warps=4,
     )
