@@ -209,8 +209,10 @@ def main(argv=None):
                 ref_p = reference_decode_attention_probs(q, packed_c, kv_start, d ** -0.5)
                 ref_pos = reference_decode_attention_probs(q, packed_c, kv_start, d ** -0.5, positions=positions)
                 if args.key_mode == "token":
-                    rows.extend(time_torch_paths(args, shape, f"int{bits}", lambda pc=packed_c, p=positions, ks=kv_start:
-                                                 torch_path_quantized(q, pc, p, ks, d ** -0.5), ref_pos))
+                    def quantized_step(q=q, pc=packed_c, p=positions, ks=kv_start):
+                        return torch_path_quantized(q, pc, p, ks, d ** -0.5)
+
+                    rows.extend(time_torch_paths(args, shape, f"int{bits}", quantized_step, ref_pos))
                     dump()
             for kw in configs + (sweep if si == 0 else []):
                 cfg = td.DecodeConfig(**kw)
@@ -273,8 +275,10 @@ def main(argv=None):
             positions = entry_positions(b, hkv, n, dev, seed=1)
             n_pad = torch.randint(0, 64, (b,), device=dev)
             ref_bf16 = torch_path(q.float(), keys.float(), values.float(), positions, n_pad, d ** -0.5)
-            rows.extend(time_torch_paths(args, shape, "bf16", lambda: torch_path(q, keys, values, positions, n_pad,
-                                                                               d ** -0.5), ref_bf16))
+            def bf16_step(q=q, k=keys, v=values, p=positions, n=n_pad):
+                return torch_path(q, k, v, p, n, d ** -0.5)
+
+            rows.extend(time_torch_paths(args, shape, "bf16", bf16_step, ref_bf16))
             # the kernel over the same bf16 entries as its full-precision residual (FixedSlotEvictionCache's
             # bf16_kernel=True): bits=8 and group_size=D only pick the residual-only launch's variant
             res_only = PackedKV(None, None, None, None, None, None, keys, values, bits=8, group_size=d,

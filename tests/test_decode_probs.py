@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import greedy_with_logits, left_padded_prompt, tiny_llama
-from test_kernels import compact_inputs, make_inputs, rel_err, valid_length_inputs
+from test_kernels import make_inputs, rel_err, valid_length_inputs
 
 from kvpress_lite import FixedSlotEvictionCache, kernels
 from kvpress_lite.kernels import dequantize_history, reference_decode_attention_probs

@@ -86,7 +86,8 @@ def _decode_reduce_kernel(PM, PL, PO, O, LSE, S_TOTAL, GQ: tl.constexpr, NQ: tl.
     head = pid_bh * GQ + r // NQ
     tl.store(O + (head * NQ + r % NQ) * D + offs_d, out.to(O.dtype.element_ty))
     if PROBS:
-        tl.store(LSE + pid_bh * (GQ * NQ) + r, tl.where(denom > 0, mx + tl.log2(tl.where(denom > 0, denom, 1.0)), float("inf")))
+        lse = tl.where(denom > 0, mx + tl.log2(tl.where(denom > 0, denom, 1.0)), float("inf"))
+        tl.store(LSE + pid_bh * (GQ * NQ) + r, lse)
 
 
 @triton.jit(do_not_specialize=["T_CAP", "R_CAP"])
@@ -1375,7 +1376,8 @@ def triton_decode_attention(query: torch.Tensor, packed: PackedKV, kv_start: tor
     rk, rv = (x.contiguous() if has_res else dummy for x in (packed.residual_keys, packed.residual_values))
     start = kv_start.contiguous() if kv_start is not None else dummy
     if positions is not None and tuple(positions.shape) != (b, hkv, n_tot):
-        raise ValueError(f"positions must be [B, H_kv, T_cap + R_cap] = {(b, hkv, n_tot)}, got {tuple(positions.shape)}")
+        raise ValueError(f"positions must be [B, H_kv, T_cap + R_cap] = {(b, hkv, n_tot)}, got "
+                         f"{tuple(positions.shape)}")
     epos = positions.contiguous() if positions is not None else dummy
     common = dict(GQ=gq, NQ=nq, BLOCK_M=block_m, BLOCK_N=block_n, D=d, BITS=bits, G=gs,
                   KEY_PER_CHANNEL=bool(key_per_channel), HAS_START=kv_start is not None, USE_SOFTCAP=bool(softcap),
