@@ -136,17 +136,9 @@ def fixed_slot_run(policy, bits, impl=None, new_tokens=20, compile_config=None, 
     kwargs = {} if compile_config is None else {"compile_config": compile_config}
     with FixedSlotEvictionCache(model, policy=policy, bits=bits, group_size=16, bf16_kernel=bf16_kernel,
                                 **SMALL) as cache:
-        with kernels.prefer(impl) if impl else _nothing():
+        with kernels.prefer(impl) if impl else contextlib.nullcontext():
             seq, logits = greedy_with_logits(model, cache, ids.to(device), mask.to(device), new_tokens, **kwargs)
         return seq, logits, cache.layers[0].scores.clone(), cache.layers[0].positions.clone()
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @contextlib.contextmanager
@@ -197,9 +189,10 @@ def test_fixed_slot_seam_compiled_by_generate_is_one_graph():
     from torch._dynamo.utils import counters
 
     counters.clear()
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    with torch._dynamo.config.patch(error_on_recompile=True), counting("torch") as calls:
         seq, logits, scores, _ = fixed_slot_run("h2o", 4, impl="torch", compile_config=_compile_config())
     assert counters["stats"]["unique_graphs"] == 1
+    assert len(calls) == 2 * 19  # the op's body: every layer and decode step
     assert torch.equal(seq, seq_ref)
     torch.testing.assert_close(logits, logits_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scores, scores_ref, atol=1e-5, rtol=1e-5)
@@ -436,7 +429,7 @@ def _cuda_fixed_slot_run(policy, bits, impl=None, compiled=False):
     kwargs = {} if compiled else {"disable_compile": True}
     with FixedSlotEvictionCache(model, policy=policy, bits=bits, group_size=16, bf16_kernel=bits is None,
                                 **SMALL) as cache:
-        with kernels.prefer(impl) if impl else _nothing(), counting("triton") as calls:
+        with kernels.prefer(impl) if impl else contextlib.nullcontext(), counting("triton") as calls:
             seq, logits = greedy_with_logits(model, cache, ids.cuda(), mask.cuda(), 20, **kwargs)
         assert impl == "torch" or compiled or len(calls) == 2 * 19  # eager "auto": the kernel every layer and step
         return seq, logits, cache.layers[0].scores.clone(), cache.layers[0].positions.clone()
