@@ -12,6 +12,8 @@ fixed-slot int4 decode fits, and DynamicCache's, with tokens/s; to keep the leas
 continues from that cache (its first step moves the prompt into the slots).
 
     python benchmarks/eviction_decode.py                      # 8k x 1, 8k x 8, 32k x 4; 8k vs 32k; capacity at 32k
+    python benchmarks/eviction_decode.py --kernel-rows --flat-lengths --capacity-length 0   # where attention runs:
+        # + int4 through the torch step (vs the default int4 row: the Triton kernel), int8, bf16 through the kernel
     python benchmarks/eviction_decode.py --device cpu --small --grid 256x2 --flat-lengths 256 512 --flat-budget 64 \
         --capacity-length 256 --max-batch 4 --tokens 8        # a CPU smoke run of the code (aot_eager)
 """
@@ -54,14 +56,27 @@ except ImportError:  # pragma: no cover
 from kvpress_lite import EvictionCache, FixedSlotEvictionCache, cache_nbytes
 
 
-def fixed_slot(policy: str, bits, ratio=None, budget=None):
+def fixed_slot(policy: str, bits, ratio=None, budget=None, **options):
     """A `GENERATE_CACHES` entry: (factory(model, max_cache_len) -> FixedSlotEvictionCache, compiled=True)."""
-    return (lambda model, n: FixedSlotEvictionCache(model, policy=policy, ratio=ratio, budget=budget, bits=bits), True)
+    return (lambda model, n: FixedSlotEvictionCache(model, policy=policy, ratio=ratio, budget=budget, bits=bits,
+                                                    **options), True)
 
 
-def add_caches(policy: str, ratio: float, budget: int) -> dict[str, list[str]]:
+# `--kernel-rows`: the decode step's attention computed elsewhere (docs/fixed-slot-eviction.md): int4 through the
+# torch step (kernel_impl="sdpa") against the default int4 row (the Triton kernel on CUDA), int8 (kernel), and bf16
+# slots through the kernel's residual path (bf16_kernel=True) against the default bf16 row (the torch step)
+KERNEL_ROWS = {"int4 torch-step": (4, {"kernel_impl": "sdpa"}), "int8": (8, {}),
+               "bf16 kernel": (None, {"bf16_kernel": True})}
+
+
+def add_caches(policy: str, ratio: float, budget: int, kernel_rows: bool = False) -> dict[str, list[str]]:
     """Register the fixed-slot rows in `GENERATE_CACHES`; returns the labels of the grid and of the flatness rows."""
     labels = {"grid": [], "flat": []}
+    if kernel_rows:
+        for name, (bits, options) in KERNEL_ROWS.items():
+            label = f"fixed-slot {policy} {ratio} {name} compiled"
+            GENERATE_CACHES[label] = fixed_slot(policy, bits, ratio=ratio, **options)
+            labels.setdefault("kernel", []).append(label)
     for bits, name in ((None, "bf16"), (4, "int4")):
         grid, flat = f"fixed-slot {policy} {ratio} {name} compiled", f"fixed-slot {policy} {budget} {name} compiled"
         GENERATE_CACHES[grid] = fixed_slot(policy, bits, ratio=ratio)
@@ -163,12 +178,15 @@ def main() -> None:
     parser.add_argument("--also", nargs="*", default=[], choices=sorted(GENERATE_CACHES),
                         help="more generate rows per grid point, after StaticCache compiled (e.g. 'ours int4 static "
                              "compiled': the quantized and eviction caches side by side in one run)")
+    parser.add_argument("--kernel-rows", action="store_true",
+                        help="per grid point also: int4 through the torch step, int8, bf16 through the kernel "
+                             "(where the step's attention runs; after the default fixed-slot rows)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
     torch._dynamo.config.cache_size_limit = 64
     model = build_model(args.layers, args.device, args.small)
-    labels = add_caches(args.policy, args.ratio, args.flat_budget)
+    labels = add_caches(args.policy, args.ratio, args.flat_budget, args.kernel_rows)
     labels["grid"] += add_uncompiled(args.uncompiled, args.ratio)
     weights = torch.cuda.memory_allocated() if args.device == "cuda" else 0
     compile_config = None
@@ -194,7 +212,7 @@ def main() -> None:
         length, batch = (int(x) for x in point.split("x"))
         ids = torch.randint(10, vocab, (batch, length), device=args.device)
         rows.append(run(ids, "DynamicCache"))
-        for label in ["StaticCache compiled", *args.also] + labels["grid"]:
+        for label in ["StaticCache compiled", *args.also] + labels["grid"] + labels.get("kernel", []):
             rows.append(run(ids, label))
         rows.append(run(ids, "DynamicCache", "DynamicCache" + AGAIN))
     for length in args.flat_lengths:

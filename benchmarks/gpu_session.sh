@@ -12,6 +12,9 @@
 #   decode    decode forwards timed alone for every cache (kernel v3), 4 grid points                    (~8 min)
 #   peak      peak memory of a chunked prefill at 32k x 1 (4096-token chunks), DynamicCache vs int4     (~2 min)
 #   capacity  largest batch at 32k and its throughput                                                 (~8 min)
+#   probs     issue 18 item 2: the kernel with / without probabilities at the fixed-slot storage (per-token keys,
+#             G 32, ring 16) and at 32k x 8 (channel keys, G 64), against the fixed-slot torch path (eager, compiled);
+#             its CUDA tests are in `tests` (tests/test_decode_probs.py -k cuda)              (not timed yet)
 # transformers' quanto cache (the "QuantizedCache quanto int4" rows of `decode`) needs optimum-quanto, which the GPU image
 # lacks: carry its wheel (device README, ".whl") or that row reports an import error and the others run.
 set -euo pipefail
@@ -21,11 +24,12 @@ out=${OUT:-gpu-out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-step=${1:?usage: gpu_session.sh tests|kernel|generate|decode|peak|capacity}
+step=${1:?usage: gpu_session.sh tests|kernel|generate|decode|peak|capacity|probs}
 case $step in
   tests)
     python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_static_cache.py \
-      tests/test_attention_bridge.py tests/test_decode_seam.py -k "gpu or cuda" 2>&1 | tee "$out/tests.log" ;;
+      tests/test_attention_bridge.py tests/test_decode_seam.py tests/test_decode_probs.py -k "gpu or cuda" 2>&1 \
+      | tee "$out/tests.log" ;;
   kernel)
     python benchmarks/kernel_bench.py --quick --json "$out/kernel.json" 2>&1 | tee "$out/kernel.log" ;;
   generate)  # optional shapes after the step name (e.g. `generate 32768x4`) to split it over two calls
@@ -43,5 +47,11 @@ case $step in
   capacity)
     python benchmarks/gpu_decode.py --grid 32768x1 --caches DynamicCache "ours int8" "ours int4" \
       --capacity-length 32768 --json "$out/capacity.json" 2>&1 | tee "$out/capacity.log" ;;
+  probs)
+    python benchmarks/kernel_bench.py --probs --key-mode token --group-size 32 --residual 16 \
+      --shapes 8x2048 1x2048 8x8192 --configs '[{}]' --json "$out/probs_fixed_slot.json" 2>&1 \
+      | tee "$out/probs_fixed_slot.log"
+    python benchmarks/kernel_bench.py --probs --shapes 8x32768 --json "$out/probs_32k.json" 2>&1 \
+      | tee "$out/probs_32k.log" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

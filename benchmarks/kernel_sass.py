@@ -29,10 +29,11 @@ from triton.compiler import ASTSource
 from kvpress_lite.kernels import triton_decode as td
 from kvpress_lite.kernels.packed import CHANNEL_PACKED, TOKEN_PACKED, PackedKV
 
-PTR_NAMES = ("Q", "KC", "KS", "KZ", "VC", "VS", "VZ", "RK", "RV", "KV_START", "LENS", "PM", "PL", "PO")
+PTR_NAMES = ("Q", "KC", "KS", "KZ", "VC", "VS", "VZ", "RK", "RV", "KV_START", "LENS", "PM", "PL", "PO", "LG", "EPOS")
 
 
-def compile_split(cfg: td.DecodeConfig, bits: int, key_mode="channel", d=128, gq=4, nq=1, gs=64, dyn_len=False):
+def compile_split(cfg: td.DecodeConfig, bits: int, key_mode="channel", d=128, gq=4, nq=1, gs=64, dyn_len=False,
+                  probs=False, has_pos=False):
     """Compile the split kernel `cfg` resolves to for sm_90; returns the compiled kernel (asm dict, n_regs...)."""
     layout = TOKEN_PACKED if cfg.variant == 4 else CHANNEL_PACKED
     fake = PackedKV(None, None, None, None, None, None, None, None, bits, gs, key_mode, value_layout=layout)
@@ -44,12 +45,12 @@ def compile_split(cfg: td.DecodeConfig, bits: int, key_mode="channel", d=128, gq
     fn = kern
     names = fn.arg_names
     dt = {"Q": "*bf16", "KC": "*u8", "VC": "*u8", "KV_START": "*i64", "LENS": "*i64", "PM": "*fp32", "PL": "*fp32",
-          "PO": "*fp32"}
+          "PO": "*fp32", "LG": "*fp32", "EPOS": "*i32"}
     asm = c.magic and bits in (4, 8)
     block_m = max(c.block_q if transposed else 16, triton.next_power_of_2(gq * nq))
     const = dict(GQ=gq, NQ=nq, BLOCK_M=block_m, BLOCK_N=min(c.block_n, gs), D=d,
                  BITS=bits, G=gs, KEY_PER_CHANNEL=key_mode == "channel", HAS_START=True, USE_SOFTCAP=False,
-                 VDT=tl.bfloat16, PRECISION=None, DYN_LEN=dyn_len)
+                 VDT=tl.bfloat16, PRECISION=None, DYN_LEN=dyn_len, PROBS=probs, HAS_POS=has_pos)
     if transposed:
         const.update(ASM=asm, CDT=tl.float16 if asm or c.raw_keys else tl.bfloat16, K_JOIN=bool(c.k_join),
                      BIAS_DOT=c.bias_dot, RAW_KEYS=bool(c.raw_keys), PEEL=bool(c.peel))
@@ -126,6 +127,11 @@ def main(argv=None):
     p.add_argument("--configs", default=None, help="JSON list of DecodeConfig kwargs (default: v3 and v4 variants)")
     p.add_argument("--bits", type=int, nargs="+", default=[4, 8])
     p.add_argument("--dump", default=None, help="folder to write each SASS into")
+    p.add_argument("--key-mode", default="channel", choices=["channel", "token"])
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--probs", action="store_true",
+                   help="each config also compiled with PROBS (scores stored for the probabilities) and with "
+                        "PROBS + HAS_POS (per-entry validity): the fixed-slot step's kernel")
     args = p.parse_args(argv)
     configs = json.loads(args.configs) if args.configs else [
         dict(variant=3), dict(variant=4), dict(variant=4, k_join=True), dict(variant=4, num_warps=4),
@@ -134,20 +140,24 @@ def main(argv=None):
         for kw in configs:
             if bits == 2 and kw.get("variant") == 3:
                 continue
-            try:
-                compiled, c = compile_split(td.DecodeConfig(**kw), bits)
-            except Exception as exc:  # report and go on
-                print(f"int{bits} {kw}: failed {type(exc).__name__}: {str(exc)[:400]}", flush=True)
-                continue
-            sass, res = sass_of(compiled)
-            n, hist, total = loop_stats(sass)
-            top = ", ".join(f"{k} {v}" for k, v in hist.most_common(14))
-            print(f"int{bits} {kw}: {res} | loop {n} "
-                  f"instr/tile/thread (x{c.num_warps * 32} threads) | {top}", flush=True)
-            if args.dump:
-                Path(args.dump).mkdir(parents=True, exist_ok=True)
-                name = f"int{bits}-" + "-".join(f"{k}{v}" for k, v in kw.items())
-                (Path(args.dump) / f"{name}.sass").write_text(sass)
+            flags = [(False, False)] + ([(True, False), (True, True)] if args.probs else [])
+            for probs, has_pos in flags:
+                label = "" if not probs else (" +probs+positions" if has_pos else " +probs")
+                try:
+                    compiled, c = compile_split(td.DecodeConfig(**kw), bits, key_mode=args.key_mode,
+                                                gs=args.group_size, probs=probs, has_pos=has_pos)
+                except Exception as exc:  # report and go on
+                    print(f"int{bits} {kw}{label}: failed {type(exc).__name__}: {str(exc)[:400]}", flush=True)
+                    continue
+                sass, res = sass_of(compiled)
+                n, hist, total = loop_stats(sass)
+                top = ", ".join(f"{k} {v}" for k, v in hist.most_common(14))
+                print(f"int{bits} {kw}{label}: {res} | loop {n} "
+                      f"instr/tile/thread (x{c.num_warps * 32} threads) | {top}", flush=True)
+                if args.dump:
+                    Path(args.dump).mkdir(parents=True, exist_ok=True)
+                    name = f"int{bits}-" + "-".join(f"{k}{v}" for k, v in kw.items()) + label.replace(" ", "")
+                    (Path(args.dump) / f"{name}.sass").write_text(sass)
 
 
 if __name__ == "__main__":

@@ -59,3 +59,23 @@ def test_generate_rows_never_reuse_a_reset_dynamic_cache(monkeypatch):
     tokens = 48 + 5 - 1  # the last generated token is never fed back
     expected = 2 * 2 * 2 * 2 * tokens * 64 * 2  # layers x (K, V) x batch x kv heads x tokens x head_dim x bf16
     assert round(row["kv_gib"] * 2**30) == expected
+
+
+def test_kernel_bench_probs_runs_on_cpu_interpreted(tmp_path):
+    """`benchmarks/kernel_bench.py --probs` end to end under TRITON_INTERPRET=1 at a tiny shape (`--device cpu`): every
+    kernel row (without, with probabilities, with per-entry validity and probabilities) and the torch-path rows ran
+    and agree with the reference; times are not asserted."""
+    out = tmp_path / "probs.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/kernel_bench.py", "--device", "cpu", "--probs", "--shapes", "2x96", "--kv-heads",
+         "2", "--q-heads", "4", "--head-dim", "32", "--residual", "16", "--group-size", "16", "--key-mode", "token",
+         "--configs", "[{}]", "--bits", "4", "--rep", "1", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    names = [r["name"] for r in rows]
+    assert names == ["sdpa-bf16", "torch path int4 eager", "int4", "int4+probs", "int4+positions+probs",
+                     "torch path bf16 eager", "bf16 kernel (residual path)+positions+probs"], names
+    assert all(r.get("ok", True) for r in rows), rows

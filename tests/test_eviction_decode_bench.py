@@ -19,7 +19,7 @@ def test_eviction_decode_benchmark_runs_on_cpu(tmp_path):
     proc = subprocess.run(
         [sys.executable, "benchmarks/eviction_decode.py", "--device", "cpu", "--small", "--grid", "128x2",
          "--flat-lengths", "128", "256", "--flat-budget", "32", "--flat-batch", "1", "--capacity-length", "128",
-         "--max-batch", "2", "--tokens", "4", "--uncompiled", "h2o", "--json", str(out)],
+         "--max-batch", "2", "--tokens", "4", "--uncompiled", "h2o", "--kernel-rows", "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -27,7 +27,8 @@ def test_eviction_decode_benchmark_runs_on_cpu(tmp_path):
     grid = [r["cache"] for r in result["generate"]]
     assert grid == ["DynamicCache", "StaticCache compiled", "fixed-slot h2o 0.25 bf16 compiled",
                     "fixed-slot h2o 0.25 int4 compiled", "EvictionCache h2o 0.25 bf16", "EvictionCache h2o 0.25 int4",
-                    "DynamicCache (again, last)"]
+                    "fixed-slot h2o 0.25 int4 torch-step compiled", "fixed-slot h2o 0.25 int8 compiled",
+                    "fixed-slot h2o 0.25 bf16 kernel compiled", "DynamicCache (again, last)"]
     assert len(result["flat"]) == 4 and len(result["capacity"]) == 2
     for row in result["generate"] + result["flat"] + result["capacity"]:
         assert "error" not in row, row

@@ -8,8 +8,12 @@ decode forward (`start_decoding`, on the host, before any compiled step) the kep
    higher than that slot (H2O's per-step greedy replacement, https://arxiv.org/abs/2306.14048); sinks and ring tokens
    are never replaced, empty and pad slots first;
 2. writes the new token into the ring at `L % W`;
-3. computes attention itself over the `S + W` entries with its own validity mask (empty slots, left pads): matmul,
-   softmax, matmul; the probabilities, summed over each kv head's query heads, update the policy's scores.
+3. computes attention over the `S + W` entries with its own validity mask (empty slots, left pads); the
+   probabilities, summed over each kv head's query heads, update the policy's scores. Quantized slots with an
+   implementation of the decode seam that returns probabilities (`kernels.probs_impl`: the Triton kernel on CUDA, or
+   one forced with `kernels.prefer`) run it over the packed slots (history) and the ring (residual), the output and
+   the probabilities from one pass, validity from `positions >= n_pad` per entry; otherwise (bf16 slots, the CPU's
+   "auto") the layer's own torch code: matmul, masked softmax, matmul over the dequantized slots.
 
 No shape changes, every index is computed on the device, no host sync: `is_compileable`. Keys keep their rotation.
 Scores of attention-free policies (knorm, streaming, random) are fixed per token when it enters the cache.
@@ -23,6 +27,7 @@ import torch
 
 from .. import _compat, attention_bridge
 from .._compat import CacheLayerMixin
+from ..kernels.dispatch import AUTO, decode_probs, probs_impl
 from .fixed_slot_store import write_entries
 from .layer import EvictionLayer
 from .policy import EvictionBudget, EvictionPolicy, ScoreInputs
@@ -54,15 +59,21 @@ class FixedSlotLayer(CacheLayerMixin):
     Args:
         policy: the `EvictionPolicy`. spec: an `EvictionBudget` (`recent` is the ring's length W).
         layer_idx: the model layer. make_store: `(slots, window) -> SlotKV`, the storage kind.
+        bf16_kernel: full-precision slots too run the decode seam (the Triton kernel's residual path over all
+            entries, CUDA) instead of the torch path; off by default until measured (docs/fixed-slot-eviction.md).
+        kernel_impl: the seam's implementation asked for ("auto"; "sdpa", which returns no probabilities, keeps the
+            torch step everywhere; "triton" / "torch" force one).
     """
 
     is_sliding = False
     is_croppable = False
     is_compileable = True
 
-    def __init__(self, policy: EvictionPolicy, spec: EvictionBudget, layer_idx: int, make_store):
+    def __init__(self, policy: EvictionPolicy, spec: EvictionBudget, layer_idx: int, make_store,
+                 bf16_kernel: bool = False, kernel_impl: str = AUTO):
         super().__init__()
         self.policy, self.spec, self.layer_idx, self.make_store = policy, spec, layer_idx, make_store
+        self.bf16_kernel, self.kernel_impl = bool(bf16_kernel), kernel_impl
         self.window = spec.recent
         self.prompt = EvictionLayer(policy, spec, layer_idx)  # the prompt's eviction (full precision)
         self.store = self.positions = self.scores = self.n_pad = self.length = None
@@ -145,7 +156,10 @@ class FixedSlotLayer(CacheLayerMixin):
         self._write_step(key_states[:, :, 0], value_states[:, :, 0])
         # --- attention-bridge handshake (one place; the bridge then calls `attend`) ---
         self._pending = True
-        returned = self.store.read()
+        if getattr(self.store, "bits", None) and self._seam(key_states) is not None:
+            returned = (self.store.ring_keys, self.store.ring_values)  # the kernel reads the codes: no dequantized copy
+        else:
+            returned = self.store.read()
         attention_bridge.expect(self, returned[0])
         return returned
 
@@ -193,11 +207,26 @@ class FixedSlotLayer(CacheLayerMixin):
         self.scores.index_copy_(2, entry, new_score)
         self.length.add_(1)
 
+    def _seam(self, like: torch.Tensor):
+        """The decode seam's implementation that runs this step over the packed slots, or None (the torch path):
+        quantized slots and an implementation `select` picks that also returns probabilities (`probs_impl`: on CUDA
+        the Triton kernel; on a CPU none unless forced with `kernels.prefer("triton" | "torch")`). Full-precision
+        slots take the torch path (compiled with the step) unless `bf16_kernel`: then every entry is the kernel's
+        full-precision residual (`SlotKV.packed`)."""
+        bits = getattr(self.store, "bits", None)
+        if bits is None:
+            if not self.bf16_kernel:
+                return None
+            return probs_impl(self.kernel_impl, like.device, like.dtype, like.shape[-1], 8, like.shape[-1], "token")
+        return probs_impl(self.kernel_impl, like.device, like.dtype, like.shape[-1], bits, self.store.group_size,
+                          "token")
+
     def attend(self, base, module, query, key, value, attention_mask, **kwargs):
         """Step 3 (called by the attention bridge): `[B, 1, H_q, D]` attention over the valid entries, and the scores.
 
-        `query` `[B, H_q, 1, D]`; `key`/`value` `[B, H_kv, S + W, D]` (what `update` returned); the model's mask is
-        not read (its shape is the constant `get_mask_sizes`; validity comes from `positions` and `n_pad`)."""
+        `query` `[B, H_q, 1, D]`; `key`/`value` `[B, H_kv, S + W, D]` (what `update` returned: on the kernel path only
+        the ring `[B, H_kv, W, D]`, unused); the model's mask is not read (its shape is the constant
+        `get_mask_sizes`; validity comes from `positions` and `n_pad`)."""
         self._pending = False
         bad = [k for k in UNSUPPORTED_KWARGS if kwargs.get(k) is not None] + (["dropout"] if kwargs.get("dropout")
                                                                               else [])
@@ -205,9 +234,16 @@ class FixedSlotLayer(CacheLayerMixin):
             raise ValueError(f"FixedSlotEvictionCache layer {self.layer_idx}: the model's attention asks for {bad}; "
                              "the fixed-slot step computes plain softmax attention (scaling, softcap) only")
         b, hq, q, d = query.shape
+        scaling = kwargs.get("scaling") or d**-0.5
+        if self._seam(query) is not None:  # one kernel pass: output and per-entry probabilities
+            out, mass = decode_probs(query, self.store.packed(), self.n_pad, scaling, kwargs.get("softcap"),
+                                     self.positions, self.policy.uses_attention, self.kernel_impl)
+            if self.policy.uses_attention:
+                inputs = ScoreInputs(None, None, self.positions, mass, self.scores, self.length, 1)
+                self.scores.copy_(self.policy.score(inputs))
+            return out.transpose(1, 2).contiguous(), None
         h = key.shape[1]
         g = hq // h
-        scaling = kwargs.get("scaling") or d**-0.5
         logits = torch.matmul(query.reshape(b, h, g * q, d), key.transpose(-1, -2)).float() * scaling  # (B, H, G, N)
         softcap = kwargs.get("softcap")
         if softcap:

@@ -7,6 +7,7 @@ import weakref
 
 from .. import _compat, attention_bridge
 from ..cache import CompressedCache
+from ..kernels.dispatch import check_impl
 from ..registry import register
 from ..sliding import StaticSlidingWindowKVLayer
 from ..storage import StorageSpec
@@ -37,6 +38,13 @@ class FixedSlotEvictionCache(CompressedCache):
         slack: the prompt's eviction slack (see `EvictionBudget`); decoding has none.
         bits: None (slots in the model dtype), 8 or 4 (slots as KIVI codes with per-token keys and values).
         group_size: channels per quantization group (divides head_dim).
+        bf16_kernel: with `bits=None`, decode steps on CUDA run the Triton kernel over the full-precision slots (its
+            residual path, output and probabilities in one pass) instead of the torch step (matmul, softmax,
+            matmul, compiled with the step); off by default: not measured yet. Quantized slots always use the kernel
+            on CUDA.
+        kernel_impl: "auto" (the Triton kernel on CUDA where it applies, else the torch step), "sdpa" (the torch
+            step everywhere: the sdpa path returns no probabilities), "triton" or "torch" (the fp32 reference through
+            the seam; for tests).
         **policy_params: the policy's hyperparameters (`average=` for h2o, `window=`/`kernel=` for snapkv, `seed=`).
     Storage per full-attention layer: `[batch, kv_heads, budget, head_dim]` keys and values (slots + ring), positions
     int32 and scores fp32 `[batch, kv_heads, budget]`. Paper: H2O, https://arxiv.org/abs/2306.14048
@@ -44,7 +52,7 @@ class FixedSlotEvictionCache(CompressedCache):
 
     def __init__(self, model, policy: str = "h2o", budget: int | None = None, ratio: float | None = None,
                  sinks: int = 4, recent: int = 16, slack: int | None = None, bits: int | None = None,
-                 group_size: int = 32, **policy_params):
+                 group_size: int = 32, bf16_kernel: bool = False, kernel_impl: str = "auto", **policy_params):
         if not hasattr(model, "set_attn_implementation"):
             raise ValueError(f"model must be a transformers PreTrainedModel (FixedSlotEvictionCache computes the "
                              f"decode step's attention itself), got {type(model).__name__}")
@@ -60,6 +68,8 @@ class FixedSlotEvictionCache(CompressedCache):
             raise ValueError(f"budget={budget} must be >= sinks + recent = {sinks + recent} (sinks={sinks} first "
                              f"tokens and the recent={recent} tokens of the ring are never evicted)")
         self.policy = make_policy(policy, **policy_params)
+        check_impl(kernel_impl, "kernel_impl")
+        self.bf16_kernel, self.kernel_impl = bool(bf16_kernel), kernel_impl
         self.spec = EvictionBudget(budget, ratio, sinks, recent, slack)
         self.storage = StorageSpec(bits, group_size, 0, "token")
         super().__init__(model)
@@ -74,7 +84,8 @@ class FixedSlotEvictionCache(CompressedCache):
         bits = self.storage.bits
         make_store = SlotKV if bits is None else functools.partial(QuantizedSlotKV, bits=bits,
                                                                    group_size=self.storage.group_size)
-        return FixedSlotLayer(self.policy, self.spec, layer_idx, make_store)
+        return FixedSlotLayer(self.policy, self.spec, layer_idx, make_store, bf16_kernel=self.bf16_kernel,
+                              kernel_impl=self.kernel_impl)
 
     def uncompressed_layer(self, layer_type: str, kwargs: dict, layer_idx: int):
         """Sliding/chunked layers: the compileable `StaticSlidingWindowKVLayer` (lengths on the device)."""
@@ -115,8 +126,9 @@ class FixedSlotEvictionCache(CompressedCache):
 def fixed_slot_cache(model, policy: str = "h2o", budget: int | None = None, ratio: float | None = None, sinks: int = 4,
                      recent: int = 16, slack: int | None = None, bits: int | None = None, group_size: int = 32,
                      average: bool | None = None, window: int | None = None, kernel: int | None = None,
-                     seed: int | None = None):
+                     seed: int | None = None, bf16_kernel: bool = False, kernel_impl: str = "auto"):
     """`FixedSlotEvictionCache(model, policy, ...)`; the policy's parameters (`average`, `window`, `kernel`, `seed`)
     are passed to it only when set."""
     params = {k: v for k, v in dict(average=average, window=window, kernel=kernel, seed=seed).items() if v is not None}
-    return FixedSlotEvictionCache(model, policy, budget, ratio, sinks, recent, slack, bits, group_size, **params)
+    return FixedSlotEvictionCache(model, policy, budget, ratio, sinks, recent, slack, bits, group_size,
+                                  bf16_kernel=bf16_kernel, kernel_impl=kernel_impl, **params)

@@ -8,7 +8,9 @@ at indices computed on the device, so a decode step has fixed shapes, fixed addr
 - `QuantizedSlotKV` (`bits` 8 or 4): slots as KIVI codes with per-token keys and values (`kivi.quantize_values`, groups
   of `group_size` channels: codes `[B, H, S, D * bits / 8]` uint8, scale/zero `[B, H, S, D / G]` in the model dtype),
   the ring `ring_keys`/`ring_values` `[B, H, W, D]`; `read()` dequantizes the slots and appends the ring (a transient
-  `[B, H, S + W, D]`, the step's only copy). Paper: KIVI, https://arxiv.org/abs/2402.02750
+  `[B, H, S + W, D]`, the step's only copy); `packed()` is the same storage as the decode seam reads it (slots =
+  history, ring = residual), for the kernel path that reads the codes directly. Paper: KIVI,
+  https://arxiv.org/abs/2402.02750
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import _compat
+from ..kernels.packed import PackedKV
 from ..kivi import dequantize_values, quantize_values
 
 
@@ -71,6 +74,13 @@ class SlotKV:
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values `[B, H, S + W, D]` attention reads: the buffers themselves."""
         return self.keys, self.values
+
+    def packed(self) -> PackedKV:
+        """All S + W entries as the decode seam's full-precision residual (no history), read by the Triton kernel's
+        residual splits (`FixedSlotEvictionCache(bf16_kernel=True)`); `bits=8` and `group_size=D` only pick the
+        residual-only launch's variant (v3: one dot over all channels per tile)."""
+        d = self.keys.shape[-1]
+        return PackedKV.view(None, None, None, None, None, None, self.keys, self.values, 8, d, key_mode="token")
 
     def reorder(self, index: torch.Tensor) -> None:
         """Reorder the batch in place (beam search), keeping every address."""
@@ -132,6 +142,13 @@ class QuantizedSlotKV(SlotKV):
     def ring_token(self, ring_index):
         j = ring_index.view(1)
         return self.ring_keys.index_select(2, j)[:, :, 0], self.ring_values.index_select(2, j)[:, :, 0]
+
+    def packed(self) -> PackedKV:
+        """The slots as the decode seam's history (per-token keys, channel-packed codes: `key_mode="token"`) and the
+        ring as its full-precision residual: entry j of `[0, S + W)` is index j of `positions` / the probabilities."""
+        return PackedKV.view(self.key_codes, self.key_scale, self.key_zero, self.value_codes, self.value_scale,
+                             self.value_zero, self.ring_keys, self.ring_values, self.bits, self.group_size,
+                             key_mode="token")
 
     def read(self):
         """Dequantized slots then the ring: `[B, H, S + W, D]` each (transient)."""

@@ -6,11 +6,21 @@ fp32 torch reference on request), eagerly or through the `torch.library` op unde
 `quantized_decode_attention` is the validating public entry over flat tensors. Nothing here imports the caches.
 """
 
-from .dispatch import IMPLEMENTATIONS, decode, names, prefer, register, select, triton_available
+from .dispatch import (
+    IMPLEMENTATIONS,
+    decode,
+    decode_probs,
+    names,
+    prefer,
+    probs_impl,
+    register,
+    select,
+    triton_available,
+)
 from .masks import decode_start, kv_start_from_mask
 from .op import quantized_decode_attention
 from .packed import PackedKV
-from .reference import dequantize_history, reference_decode_attention, unpack_codes
+from .reference import dequantize_history, reference_decode_attention, reference_decode_attention_probs, unpack_codes
 
 IMPLS = names()  # accepted `impl` / `kernel_impl` values, at import (later `register` calls: `names()`)
 
@@ -19,13 +29,16 @@ __all__ = [
     "IMPLS",
     "PackedKV",
     "decode",
+    "decode_probs",
     "decode_start",
     "dequantize_history",
     "kv_start_from_mask",
     "names",
     "prefer",
+    "probs_impl",
     "quantized_decode_attention",
     "reference_decode_attention",
+    "reference_decode_attention_probs",
     "register",
     "select",
     "triton_available",

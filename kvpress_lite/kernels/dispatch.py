@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .packed import PackedKV
-from .reference import reference_decode_attention
+from .reference import reference_decode_attention, reference_decode_attention_probs
 from .sdpa_path import dequantized_sdpa_attention
 
 try:
@@ -40,12 +40,15 @@ class Implementation:
 
     refusal: `(device, head_dim, bits, group_size, key_mode) -> str | None` (None: it runs there).
     device_lengths: reads `packed.lengths` on the device (no host sync), so CUDA graphs can capture it.
+    probs_fn: None, or `(query, packed, kv_start, scaling, softcap, positions, return_probs) -> (out, probs | None)`:
+    per-entry validity by `positions` and each entry's attention probability from the same pass (`decode_probs`).
     """
 
     name: str
     fn: Callable
     refusal: Callable | None = None
     device_lengths: bool = False
+    probs_fn: Callable | None = None
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {}
@@ -134,6 +137,42 @@ def decode(query: torch.Tensor, packed: PackedKV, kv_start: torch.Tensor | None,
     return decode_op(query, *packed.tensors(), kv_start, *packed.statics(), scaling, softcap, chosen.name)
 
 
+def probs_impl(impl: str, device: torch.device, dtype, head_dim: int, bits: int, group_size: int, key_mode: str):
+    """The `Implementation` `select` picks if it also computes probabilities (`probs_fn`), else None: e.g. "auto" on
+    CUDA is the Triton kernel; on a CPU it is the sdpa path, which has none (callers keep their own torch code)."""
+    chosen, _ = select(impl, device, dtype, head_dim, bits, group_size, key_mode)
+    return chosen if chosen is not None and chosen.probs_fn is not None else None
+
+
+def decode_probs(query: torch.Tensor, packed: PackedKV, kv_start: torch.Tensor | None, scaling: float | None,
+                 softcap: float | None, positions: torch.Tensor | None = None, return_probs: bool = True,
+                 impl: str = AUTO):
+    """(`[B, H_q, q, D]` output, fp32 `[B, H_kv, T_cap + R_cap]` probabilities or None): `decode`, plus each entry's
+    attention probability summed over the query heads of its KV head and the queries, from the same pass.
+
+    positions: None, or int `[B, H_kv, T_cap + R_cap]` (history entries, then residual entries): each entry's own
+    position, attended iff `positions >= kv_start[b]` (-1: empty), instead of the prefix rule of left padding
+    (eviction's slots). return_probs False: the output only (validity by `positions` still applies). Raises a
+    RuntimeError if the implementation chosen for `impl` cannot run here or computes no probabilities (`probs_impl`
+    first). Compiled: the opaque op `kvpress_lite::decode_attention_probs` (op.py)."""
+    chosen, reason = select(impl, query.device, query.dtype, query.shape[-1], packed.bits, packed.group_size,
+                            packed.key_mode)
+    if chosen is None:
+        raise RuntimeError(reason)
+    if chosen.probs_fn is None:
+        raise RuntimeError(f"impl {chosen.name!r} computes no attention probabilities; accepted: "
+                           f"{[n for n, i in IMPLEMENTATIONS.items() if i.probs_fn is not None]}")
+    scaling = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    softcap = float(softcap or 0.0)
+    if not torch.compiler.is_compiling():
+        return chosen.probs_fn(query, packed, kv_start, scaling, softcap, positions, bool(return_probs))
+    from .op import decode_probs_op  # noqa: PLC0415 - op.py imports this module
+
+    out, probs = decode_probs_op(query, *packed.tensors(), kv_start, positions, *packed.statics(), scaling, softcap,
+                                 chosen.name, bool(return_probs))
+    return out, (probs if return_probs else None)
+
+
 def triton_available() -> bool:
     """True if triton imported (it may still need CUDA tensors or TRITON_INTERPRET=1 to run)."""
     return _triton is not None
@@ -156,10 +195,23 @@ def _triton_fn(query, packed, kv_start, scaling, softcap):
     return _triton.triton_decode_attention(query, packed, kv_start, scaling, softcap)
 
 
-register(Implementation("triton", _triton_fn, _triton_refusal, device_lengths=True), auto_for=("cuda",))
+def _triton_probs_fn(query, packed, kv_start, scaling, softcap, positions, return_probs):
+    if not return_probs:
+        return _triton.triton_decode_attention(query, packed, kv_start, scaling, softcap, positions=positions), None
+    return _triton.triton_decode_attention(query, packed, kv_start, scaling, softcap, positions=positions,
+                                           return_probs=True)
+
+
+def _reference_probs_fn(query, packed, kv_start, scaling, softcap, positions, return_probs):
+    out, probs = reference_decode_attention_probs(query, packed, kv_start, scaling, softcap, positions)
+    return out, (probs if return_probs else None)
+
+
+register(Implementation("triton", _triton_fn, _triton_refusal, device_lengths=True, probs_fn=_triton_probs_fn),
+         auto_for=("cuda",))
 register(Implementation("sdpa", dequantized_sdpa_attention), auto_for=(ANY_DEVICE,))
-register(Implementation("torch", reference_decode_attention))
+register(Implementation("torch", reference_decode_attention, probs_fn=_reference_probs_fn))
 
 
-__all__ = ["AUTO", "IMPLEMENTATIONS", "Implementation", "check_impl", "decode", "names", "prefer", "register",
-           "select", "triton_available"]
+__all__ = ["AUTO", "IMPLEMENTATIONS", "Implementation", "check_impl", "decode", "decode_probs", "names", "prefer",
+           "probs_impl", "register", "select", "triton_available"]

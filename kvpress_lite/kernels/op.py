@@ -48,6 +48,53 @@ def _(query, *args):
     return torch.empty_like(query)
 
 
+@torch.library.custom_op("kvpress_lite::decode_attention_probs", mutates_args=())
+def decode_probs_op(
+    query: torch.Tensor,
+    key_codes: torch.Tensor | None,
+    key_scale: torch.Tensor | None,
+    key_zero: torch.Tensor | None,
+    value_codes: torch.Tensor | None,
+    value_scale: torch.Tensor | None,
+    value_zero: torch.Tensor | None,
+    residual_keys: torch.Tensor | None,
+    residual_values: torch.Tensor | None,
+    lengths: torch.Tensor | None,
+    kv_start: torch.Tensor | None,
+    positions: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    key_mode: str,
+    key_layout: str,
+    value_layout: str,
+    scaling: float,
+    softcap: float,
+    impl: str,
+    return_probs: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`dispatch.decode_probs` under torch.compile: (output, probabilities `[B, H_kv, T_cap + R_cap]` fp32, or an
+    empty `(0,)` tensor when `return_probs` is False)."""
+    packed = PackedKV.from_parts(
+        (key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys, residual_values, lengths),
+        (bits, group_size, key_mode, key_layout, value_layout))
+    out, probs = IMPLEMENTATIONS[impl].probs_fn(query, packed, kv_start, scaling, softcap, positions, return_probs)
+    if probs is None:
+        probs = query.new_empty((0,), dtype=torch.float32)
+    return out, probs
+
+
+@decode_probs_op.register_fake
+def _(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys, residual_values,
+      *args):
+    return_probs = args[-1]
+    if not return_probs:
+        return torch.empty_like(query), query.new_empty((0,), dtype=torch.float32)
+    has_hist = key_codes is not None and value_scale is not None and value_scale.shape[2] > 0
+    hkv = (key_codes if has_hist else residual_keys).shape[1]
+    n = (value_scale.shape[2] if has_hist else 0) + (residual_keys.shape[2] if residual_keys is not None else 0)
+    return torch.empty_like(query), query.new_empty((query.shape[0], hkv, n), dtype=torch.float32)
+
+
 BITS = (2, 4, 8)
 INT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
 
@@ -172,4 +219,4 @@ def quantized_decode_attention(
     return decode(query, packed, kv_start, scaling, softcap, impl)
 
 
-__all__ = ["decode_op", "quantized_decode_attention"]
+__all__ = ["decode_op", "decode_probs_op", "quantized_decode_attention"]

@@ -76,6 +76,24 @@ def reference_decode_attention(query: torch.Tensor, packed: PackedKV, kv_start: 
     GQA: query head `h` reads KV head `h // (H_q // H_kv)`. kv_start: int `[B]` or None. See the module docstring for
     positions and masking. Valid lengths are read on the host (a sync on CUDA): this is the reference, not a fast path.
     """
+    return _attention(query, packed, kv_start, scaling, softcap, None, False)
+
+
+def reference_decode_attention_probs(query: torch.Tensor, packed: PackedKV, kv_start: torch.Tensor | None = None,
+                                     scaling: float | None = None, softcap: float = 0.0,
+                                     positions: torch.Tensor | None = None):
+    """(`[B, H_q, q, D]` output, fp32 `[B, H_kv, T_cap + R_cap]` probabilities): `reference_decode_attention`, plus
+    each entry's attention probability summed over the query heads of its KV head and the q queries (history entries
+    first, then residual entries, at their capacity indices; entries past the valid lengths or masked are 0).
+
+    positions: None, or int `[B, H_kv, T_cap + R_cap]`, each entry's own position: an entry is attended iff
+    `positions >= kv_start[b]` (0 without kv_start; -1 = empty, never), per entry, instead of the logical prefix rule
+    (eviction's slots); causality among q > 1 queries still follows the logical order. What
+    `triton_decode_attention(..., positions=, return_probs=True)` computes."""
+    return _attention(query, packed, kv_start, scaling, softcap, positions, True)
+
+
+def _attention(query, packed, kv_start, scaling, softcap, positions, return_probs):
     b, hq, nq, d = query.shape
     scaling = d ** -0.5 if scaling is None else scaling
     t_valid, r_valid = packed.valid_lengths()
@@ -87,9 +105,14 @@ def reference_decode_attention(query: torch.Tensor, packed: PackedKV, kv_start: 
     if r_valid > 0:
         keys.append(packed.residual_keys[:, :, :r_valid].float())
         values.append(packed.residual_values[:, :, :r_valid].float())
+    t_cap, r_cap = packed.history_capacity, packed.residual_capacity
     if not keys:
         if packed.lengths is not None:  # capacity buffers, both valid lengths 0: no query sees a key
-            return torch.zeros_like(query)
+            out = torch.zeros_like(query)
+            if return_probs:
+                hkv = packed.kv_heads
+                return out, torch.zeros(b, hkv, t_cap + r_cap, dtype=torch.float32, device=query.device)
+            return out
         raise ValueError("decode attention needs at least one key: history and residual are both empty")
     k = torch.cat(keys, dim=2)  # (B, Hkv, L, D)
     v = torch.cat(values, dim=2)
@@ -103,12 +126,26 @@ def reference_decode_attention(query: torch.Tensor, packed: PackedKV, kv_start: 
     qpos = length - nq + torch.arange(nq, device=query.device).repeat(gq)  # (Gq*nq,)
     allowed = pos[None, :] <= qpos[:, None]  # (Gq*nq, L)
     allowed = allowed.expand(b, 1, -1, -1)
-    if kv_start is not None:
-        allowed = allowed & (pos.view(1, 1, 1, -1) >= kv_start.view(b, 1, 1, 1).to(pos.device))
+    start = (kv_start.view(b, 1, 1, 1).to(pos.device) if kv_start is not None
+             else torch.zeros(b, 1, 1, 1, dtype=torch.long, device=pos.device))
+    if positions is not None:  # each entry's own position decides (the valid entries, in logical order)
+        index = torch.cat([torch.arange(t_valid), t_cap + torch.arange(r_valid)]).to(positions.device)
+        entry = positions.index_select(2, index)[:, :, None, :].to(pos.device)  # (B, Hkv, 1, L)
+        allowed = allowed & (entry.long() >= start)
+    elif kv_start is not None:
+        allowed = allowed & (pos.view(1, 1, 1, -1) >= start)
     s = s.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # a row with no visible key: all -inf -> NaN -> zeros
     out = torch.matmul(p, v)  # (B, Hkv, Gq*nq, D)
-    return out.reshape(b, hq, nq, d).to(query.dtype)
+    out = out.reshape(b, hq, nq, d).to(query.dtype)
+    if not return_probs:
+        return out
+    probs = torch.zeros(b, hkv, t_cap + r_cap, dtype=torch.float32, device=query.device)
+    mass = p.sum(dim=2)  # (B, Hkv, L): summed over the query heads and queries
+    probs[:, :, :t_valid] = mass[:, :, :t_valid]
+    probs[:, :, t_cap:t_cap + r_valid] = mass[:, :, t_valid:]
+    return out, probs
 
 
-__all__ = ["dequantize_history", "reference_decode_attention", "unpack_codes", "valid_history"]
+__all__ = ["dequantize_history", "reference_decode_attention", "reference_decode_attention_probs", "unpack_codes",
+           "valid_history"]

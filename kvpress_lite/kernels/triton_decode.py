@@ -65,8 +65,10 @@ def _history_range(pid_s, T, span, S_HIST, BLOCK_N: tl.constexpr, DYN_LEN: tl.co
 
 
 @triton.jit(do_not_specialize=["S_TOTAL"])
-def _decode_reduce_kernel(PM, PL, PO, O, S_TOTAL, GQ: tl.constexpr, NQ: tl.constexpr, BLOCK_M: tl.constexpr,
-                          D: tl.constexpr, BLOCK_S: tl.constexpr):
+def _decode_reduce_kernel(PM, PL, PO, O, LSE, S_TOTAL, GQ: tl.constexpr, NQ: tl.constexpr, BLOCK_M: tl.constexpr,
+                          D: tl.constexpr, BLOCK_S: tl.constexpr, PROBS: tl.constexpr = False):
+    """Merges the splits' partials of one query row; PROBS: also the row's log2-sum-exp2 of its masked log2 scores
+    (`LSE[bh * GQ * NQ + r]`, +inf for a row that sees no key, so every probability of it is 0)."""
     pid_bh = tl.program_id(0)
     r = tl.program_id(1)  # query row of this KV head: (h_local, i)
     offs_s = tl.arange(0, BLOCK_S)
@@ -83,6 +85,58 @@ def _decode_reduce_kernel(PM, PL, PO, O, S_TOTAL, GQ: tl.constexpr, NQ: tl.const
     out = tl.sum(w[:, None] * acc, 0) / tl.where(denom > 0, denom, 1.0)
     head = pid_bh * GQ + r // NQ
     tl.store(O + (head * NQ + r % NQ) * D + offs_d, out.to(O.dtype.element_ty))
+    if PROBS:
+        lse = tl.where(denom > 0, mx + tl.log2(tl.where(denom > 0, denom, 1.0)), float("inf"))
+        tl.store(LSE + pid_bh * (GQ * NQ) + r, lse)
+
+
+@triton.jit(do_not_specialize=["T_CAP", "R_CAP"])
+def _decode_probs_kernel(LG, LSE, PR, KV_START, LENS, T_CAP, R_CAP, HKV, M: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK: tl.constexpr, HAS_START: tl.constexpr, HAS_POS: tl.constexpr,
+                         DYN_LEN: tl.constexpr):
+    """`PR[bh, j] = sum_r exp2(LG[bh, r, j] - LSE[bh, r])` over the M = G_q * q query rows of KV head bh, for entries
+    j of `[0, T_CAP + R_CAP)` (history, then residual). Entries the split kernel did not write (past the valid lengths,
+    whole tiles of left padding) are read as -inf: the same masks as the split kernel, so they are exactly the
+    entries no query sees."""
+    pid_bh = tl.program_id(0)
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    offs_r = tl.arange(0, BLOCK_R)
+    ntot = T_CAP + R_CAP
+    T, R = _valid_lengths(LENS, T_CAP, R_CAP, DYN_LEN)
+    if HAS_START and not HAS_POS:
+        start = tl.load(KV_START + pid_bh // HKV).to(tl.int32)
+    else:
+        start = 0
+    is_hist = j < T_CAP
+    logical = tl.where(is_hist, j, T + j - T_CAP)  # position of the entry among the valid keys
+    ok = tl.where(is_hist, j < T, (j - T_CAP < R) & (j < ntot)) & (logical >= start)
+    row_ok = offs_r < M
+    rows = pid_bh.to(tl.int64) * M + offs_r
+    lg = tl.load(LG + rows[:, None] * ntot + j[None, :], mask=row_ok[:, None] & ok[None, :], other=float("-inf"))
+    lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
+    p = tl.exp2(lg - lse[:, None])
+    tl.store(PR + pid_bh.to(tl.int64) * ntot + j, tl.sum(p, 0), mask=j < ntot)
+
+
+@triton.jit
+def _entry_pos(EPOS, pid_bh, NTOT, idx, n_ok, pos, HAS_POS: tl.constexpr):
+    """What the validity mask compares with kv_start: the entries' own positions `EPOS[bh, idx]` (HAS_POS: -1 for an
+    empty entry, never valid), else the logical positions `pos`."""
+    if HAS_POS:
+        return tl.load(EPOS + pid_bh.to(tl.int64) * NTOT + idx, mask=n_ok, other=-1).to(tl.int32)
+    else:
+        return pos
+
+
+@triton.jit
+def _store_logits(LG, s, pid_bh, offs_m, M: tl.constexpr, idx, n_ok, NTOT, TRANSPOSED: tl.constexpr):
+    """Masked log2 scores of one tile (`[BLOCK_M, N]`, or `[N, BQ]` TRANSPOSED) into `LG[bh, r, idx]` (fp32 `[B * H_kv,
+    M, NTOT]`), query rows r < M only."""
+    rows = pid_bh.to(tl.int64) * M + offs_m
+    if TRANSPOSED:
+        tl.store(LG + rows[None, :] * NTOT + idx[:, None], s, mask=n_ok[:, None] & (offs_m < M)[None, :])
+    else:
+        tl.store(LG + rows[:, None] * NTOT + idx[None, :], s, mask=(offs_m < M)[:, None] & n_ok[None, :])
 
 
 
@@ -102,32 +156,34 @@ def _expand_groups(x, BLOCK_N: tl.constexpr, NG: tl.constexpr, GB: tl.constexpr)
 
 
 @triton.jit
-def _softmax_weights(s, pos, n_ok, qpos, start, m_i, l_i, scaling, softcap, USE_SOFTCAP: tl.constexpr):
-    """Scaled, capped, masked scores -> (p, alpha, m_new, l_new) of the online softmax (log2 domain)."""
+def _softmax_weights(s, pos, vpos, n_ok, qpos, start, m_i, l_i, scaling, softcap, USE_SOFTCAP: tl.constexpr):
+    """Scaled, capped, masked scores -> (p, alpha, m_new, l_new, masked log2 scores) of the online softmax (log2
+    domain). `pos`: logical positions (causality among the queries), `vpos`: what is compared with `start` (the same
+    positions, or each entry's own position in entry-position mode)."""
     if USE_SOFTCAP:
         x = s * (scaling / softcap)
         t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)  # tanh(x), saturating without NaN
         s = t * (softcap * 1.4426950408889634)
     else:
         s = s * (scaling * 1.4426950408889634)
-    ok = (pos[None, :] <= qpos[:, None]) & (pos[None, :] >= start) & n_ok[None, :]
+    ok = (pos[None, :] <= qpos[:, None]) & (vpos[None, :] >= start) & n_ok[None, :]
     s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1), s
 
 
 @triton.jit(do_not_specialize=["T_CAP", "R_CAP", "TILES_PER_SPLIT", "S_HIST", "S_TOTAL"])  # no recompiles as T, R grow
 def _decode_split_kernel_v2(
-    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, KV_START, LENS, PM, PL, PO,
+    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, KV_START, LENS, PM, PL, PO, LG, EPOS,
     scaling, softcap, T_CAP, R_CAP, HKV, TILES_PER_SPLIT, S_HIST, S_TOTAL,
     GQ: tl.constexpr, NQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
     KEY_PER_CHANNEL: tl.constexpr, HAS_START: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     MAGIC: tl.constexpr, OFF: tl.constexpr, KDT: tl.constexpr, VDT: tl.constexpr, PRECISION: tl.constexpr,
-    DYN_LEN: tl.constexpr = False,
+    DYN_LEN: tl.constexpr = False, PROBS: tl.constexpr = False, HAS_POS: tl.constexpr = False,
 ):
     """Phase-split variant: channel `j * PB + ph` of every operand is handled as column j of phase ph, so packed
     bytes never need re-interleaving; the outputs are written to their strided channels at the end."""
@@ -162,6 +218,10 @@ def _decode_split_kernel_v2(
         start = tl.load(KV_START + b).to(tl.int32)
     else:
         start = 0
+    skip = start  # left padding skipped by whole tiles; not with entry positions (validity is per entry there)
+    if HAS_POS:
+        skip = 0
+    NTOT = T_CAP + R_CAP  # entries of the logits / positions rows: history capacity, then residual capacity
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc0 = tl.zeros([BLOCK_M, DB], tl.float32)
@@ -171,7 +231,7 @@ def _decode_split_kernel_v2(
     span = TILES_PER_SPLIT * BLOCK_N
     if pid_s < S_HIST:
         lo, hi = _history_range(pid_s, T, span, S_HIST, BLOCK_N, DYN_LEN)
-        lo = tl.maximum(lo, (start // BLOCK_N) * BLOCK_N)
+        lo = tl.maximum(lo, (skip // BLOCK_N) * BLOCK_N)
         bh_t = pid_bh.to(tl.int64) * T_CAP  # row strides from the capacity
         for t0 in range(lo, hi, BLOCK_N):
             pos = t0 + offs_n
@@ -211,7 +271,11 @@ def _decode_split_kernel_v2(
                     s += tl.dot(q2.to(KDT), tl.trans(k.to(KDT)), input_precision=PRECISION)
                     k = _to_float(_phase(kb, 3, BITS), MAGIC).to(tl.float32) * ksb + kzb
                     s += tl.dot(q3.to(KDT), tl.trans(k.to(KDT)), input_precision=PRECISION)
-            p, alpha, m_i, l_i = _softmax_weights(s, pos, n_ok, qpos, start, m_i, l_i, scaling, softcap, USE_SOFTCAP)
+            vpos = _entry_pos(EPOS, pid_bh, NTOT, pos, n_ok, pos, HAS_POS)
+            p, alpha, m_i, l_i, sl = _softmax_weights(s, pos, vpos, n_ok, qpos, start, m_i, l_i, scaling, softcap,
+                                                      USE_SOFTCAP)
+            if PROBS:
+                _store_logits(LG, sl, pid_bh, offs_m, GQ * NQ, pos, n_ok, NTOT, False)
             p = p.to(VDT)
             vb = tl.load(VC + rows[:, None] * DB + offs_j[None, :], mask=n_ok[:, None], other=0)
             vs = tl.load(VS + rows[:, None] * NG + offs_g[None, :], mask=n_ok[:, None], other=0).to(tl.float32)
@@ -231,7 +295,7 @@ def _decode_split_kernel_v2(
     else:
         lo = (pid_s - S_HIST) * span
         hi = tl.minimum(R, lo + span)
-        lo = tl.maximum(lo, ((start - T) // BLOCK_N) * BLOCK_N)
+        lo = tl.maximum(lo, ((skip - T) // BLOCK_N) * BLOCK_N)
         bh_r = pid_bh.to(tl.int64) * R_CAP
         for r0 in tl.range(lo, hi, BLOCK_N, num_stages=1):
             rr = r0 + offs_n
@@ -247,8 +311,11 @@ def _decode_split_kernel_v2(
                             input_precision=PRECISION)
                 s += tl.dot(q3.to(VDT), tl.trans(tl.load(RK + ptr + 3, mask=n_ok[:, None], other=0.0).to(VDT)),
                             input_precision=PRECISION)
-            p, alpha, m_i, l_i = _softmax_weights(s, T + rr, n_ok, qpos, start, m_i, l_i, scaling, softcap,
-                                                  USE_SOFTCAP)
+            vpos = _entry_pos(EPOS, pid_bh, NTOT, T_CAP + rr, n_ok, T + rr, HAS_POS)
+            p, alpha, m_i, l_i, sl = _softmax_weights(s, T + rr, vpos, n_ok, qpos, start, m_i, l_i, scaling, softcap,
+                                                      USE_SOFTCAP)
+            if PROBS:
+                _store_logits(LG, sl, pid_bh, offs_m, GQ * NQ, T_CAP + rr, n_ok, NTOT, False)
             p = p.to(VDT)
             v = tl.load(RV + ptr, mask=n_ok[:, None], other=0.0).to(VDT)
             acc0 = acc0 * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
@@ -412,13 +479,14 @@ def _codes_raw(b, BITS: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr):
 
 @triton.jit(do_not_specialize=["T_CAP", "R_CAP", "TILES_PER_SPLIT", "S_HIST", "S_TOTAL"])  # no recompiles as T, R grow
 def _decode_split_kernel_v3(
-    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, KV_START, LENS, PM, PL, PO,
+    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, KV_START, LENS, PM, PL, PO, LG, EPOS,
     scaling, softcap, T_CAP, R_CAP, HKV, TILES_PER_SPLIT, S_HIST, S_TOTAL,
     GQ: tl.constexpr, NQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
     KEY_PER_CHANNEL: tl.constexpr, HAS_START: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     ASM: tl.constexpr, VDT: tl.constexpr, PRECISION: tl.constexpr, BIAS_DOT: tl.constexpr = False,
     CDT: tl.constexpr = None, V_JOIN: tl.constexpr = False, DYN_LEN: tl.constexpr = False,
+    PROBS: tl.constexpr = False, HAS_POS: tl.constexpr = False,
 ):
     """v3 (4 and 8 bits, D / G <= 2 value groups): phase-split like v2, codes enter both dots as exact small integers
     (`_codes`), and per-token value scales/zeros never touch the [N, D] tile: for value group g
@@ -458,6 +526,10 @@ def _decode_split_kernel_v3(
         start = tl.load(KV_START + b).to(tl.int32)
     else:
         start = 0
+    skip = start  # left padding skipped by whole tiles; not with entry positions (validity is per entry there)
+    if HAS_POS:
+        skip = 0
+    NTOT = T_CAP + R_CAP  # entries of the logits / positions rows: history capacity, then residual capacity
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     a00 = tl.zeros([BLOCK_M, AW], tl.float32)  # a<phase><group>
@@ -468,7 +540,7 @@ def _decode_split_kernel_v3(
     span = TILES_PER_SPLIT * BLOCK_N
     if pid_s < S_HIST:
         lo, hi = _history_range(pid_s, T, span, S_HIST, BLOCK_N, DYN_LEN)
-        lo = tl.maximum(lo, (start // BLOCK_N) * BLOCK_N)
+        lo = tl.maximum(lo, (skip // BLOCK_N) * BLOCK_N)
         bh_t = pid_bh.to(tl.int64) * T_CAP  # row strides from the capacity
         for t0 in range(lo, hi, BLOCK_N):
             pos = t0 + offs_n
@@ -505,7 +577,11 @@ def _decode_split_kernel_v3(
                 if PB == 2:
                     k = (k1.to(tl.float32) * ksb + kzb).to(VDT)
                     s += tl.dot(q1.to(VDT), tl.trans(k), input_precision=PRECISION)
-            p, alpha, m_i, l_i = _softmax_weights(s, pos, n_ok, qpos, start, m_i, l_i, scaling, softcap, USE_SOFTCAP)
+            vpos = _entry_pos(EPOS, pid_bh, NTOT, pos, n_ok, pos, HAS_POS)
+            p, alpha, m_i, l_i, sl = _softmax_weights(s, pos, vpos, n_ok, qpos, start, m_i, l_i, scaling, softcap,
+                                                      USE_SOFTCAP)
+            if PROBS:
+                _store_logits(LG, sl, pid_bh, offs_m, GQ * NQ, pos, n_ok, NTOT, False)
             vz = tl.load(VZ + rows[:, None] * NG + offs_z[None, :], mask=n_ok[:, None] & (offs_z < NG)[None, :],
                          other=0).to(VDT)
             zacc = zacc * alpha[:, None] + tl.dot(p.to(VDT), vz, input_precision=PRECISION)
@@ -535,7 +611,7 @@ def _decode_split_kernel_v3(
     else:
         lo = (pid_s - S_HIST) * span
         hi = tl.minimum(R, lo + span)
-        lo = tl.maximum(lo, ((start - T) // BLOCK_N) * BLOCK_N)
+        lo = tl.maximum(lo, ((skip - T) // BLOCK_N) * BLOCK_N)
         bh_r = pid_bh.to(tl.int64) * R_CAP
         for r0 in tl.range(lo, hi, BLOCK_N, num_stages=1):
             rr = r0 + offs_n
@@ -547,8 +623,11 @@ def _decode_split_kernel_v3(
             if PB == 2:
                 s += tl.dot(q1.to(VDT), tl.trans(tl.load(RK + ptr + 1, mask=n_ok[:, None], other=0.0).to(VDT)),
                             input_precision=PRECISION)
-            p, alpha, m_i, l_i = _softmax_weights(s, T + rr, n_ok, qpos, start, m_i, l_i, scaling, softcap,
-                                                  USE_SOFTCAP)
+            vpos = _entry_pos(EPOS, pid_bh, NTOT, T_CAP + rr, n_ok, T + rr, HAS_POS)
+            p, alpha, m_i, l_i, sl = _softmax_weights(s, T + rr, vpos, n_ok, qpos, start, m_i, l_i, scaling, softcap,
+                                                      USE_SOFTCAP)
+            if PROBS:
+                _store_logits(LG, sl, pid_bh, offs_m, GQ * NQ, T_CAP + rr, n_ok, NTOT, False)
             p = p.to(VDT)
             if VJ:
                 ptr = base_r + offs_a[None, :]
@@ -644,13 +723,14 @@ def _value_group(acc, alpha, p, VC, vs, vrow0, prow, pcol, pcol_ok, g: tl.conste
 
 @triton.jit(do_not_specialize=["T_CAP", "R_CAP", "P16", "TILES_PER_SPLIT", "S_HIST", "S_TOTAL"])
 def _decode_split_kernel_v4(
-    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, KV_START, LENS, PM, PL, PO,
+    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, KV_START, LENS, PM, PL, PO, LG, EPOS,
     scaling, softcap, T_CAP, R_CAP, P16, HKV, TILES_PER_SPLIT, S_HIST, S_TOTAL,
     GQ: tl.constexpr, NQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
     KEY_PER_CHANNEL: tl.constexpr, HAS_START: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     ASM: tl.constexpr, VDT: tl.constexpr, PRECISION: tl.constexpr, CDT: tl.constexpr, K_JOIN: tl.constexpr,
-    BIAS_DOT: tl.constexpr = True, DYN_LEN: tl.constexpr = False,
+    BIAS_DOT: tl.constexpr = True, DYN_LEN: tl.constexpr = False, PROBS: tl.constexpr = False,
+    HAS_POS: tl.constexpr = False,
 ):
     """v4: value codes token-packed (`[B*H, D, P]`, P = 16 * P16 bytes per channel row; layouts.py), keys
     channel-packed. Values: per value group g (NG = D / G <= 4), `o_g += (p * s_g) @ c_g` with the codes tile
@@ -693,6 +773,10 @@ def _decode_split_kernel_v4(
         start = tl.load(KV_START + b).to(tl.int32)
     else:
         start = 0
+    skip = start  # left padding skipped by whole tiles; not with entry positions (validity is per entry there)
+    if HAS_POS:
+        skip = 0
+    NTOT = T_CAP + R_CAP  # entries of the logits / positions rows: history capacity, then residual capacity
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     a0 = tl.zeros([BLOCK_M, G], tl.float32)  # one accumulator per value group (channels g*G ..)
@@ -703,7 +787,7 @@ def _decode_split_kernel_v4(
     span = TILES_PER_SPLIT * BLOCK_N
     if pid_s < S_HIST:
         lo, hi = _history_range(pid_s, T, span, S_HIST, BLOCK_N, DYN_LEN)
-        lo_t = tl.maximum(lo, start) // BLOCK_N  # whole tiles of left padding skipped
+        lo_t = tl.maximum(lo, skip) // BLOCK_N  # whole tiles of left padding skipped
         hi_t = tl.cdiv(hi, BLOCK_N)
         bh_t = pid_bh.to(tl.int64) * T_CAP  # token rows of keys and value scales (capacity strides)
         prow = P16 * 16  # bytes per token-packed channel row (a multiple of 16: vector loads)
@@ -762,7 +846,11 @@ def _decode_split_kernel_v4(
                     if PB == 2:
                         k = (k1.to(tl.float32) * ksb + kzb).to(VDT)
                         s += tl.dot(q1.to(VDT), tl.trans(k), input_precision=PRECISION)
-            p, alpha, m_i, l_i = _softmax_weights(s, pos, n_ok, qpos, start, m_i, l_i, scaling, softcap, USE_SOFTCAP)
+            vpos = _entry_pos(EPOS, pid_bh, NTOT, pos, n_ok, pos, HAS_POS)
+            p, alpha, m_i, l_i, sl = _softmax_weights(s, pos, vpos, n_ok, qpos, start, m_i, l_i, scaling, softcap,
+                                                      USE_SOFTCAP)
+            if PROBS:
+                _store_logits(LG, sl, pid_bh, offs_m, GQ * NQ, pos, n_ok, NTOT, False)
             zmask = n_ok[:, None] & (offs_z < NG)[None, :]
             vz = tl.load(VZ + rows[:, None] * NG + offs_z[None, :], mask=zmask, other=0).to(VDT)
             zacc = zacc * alpha[:, None] + tl.dot(p.to(VDT), vz, input_precision=PRECISION)
@@ -782,7 +870,7 @@ def _decode_split_kernel_v4(
     else:  # residual: full-precision keys and values in channel order
         lo = (pid_s - S_HIST) * span
         hi = tl.minimum(R, lo + span)
-        lo = tl.maximum(lo, ((start - T) // BLOCK_N) * BLOCK_N)
+        lo = tl.maximum(lo, ((skip - T) // BLOCK_N) * BLOCK_N)
         bh_r = pid_bh.to(tl.int64) * R_CAP
         for r0 in tl.range(lo, hi, BLOCK_N, num_stages=1):
             rr = r0 + offs_n
@@ -798,8 +886,11 @@ def _decode_split_kernel_v4(
                 if PB == 2:
                     s += tl.dot(q1.to(VDT), tl.trans(tl.load(RK + ptr + 1, mask=n_ok[:, None], other=0.0).to(VDT)),
                                 input_precision=PRECISION)
-            p, alpha, m_i, l_i = _softmax_weights(s, T + rr, n_ok, qpos, start, m_i, l_i, scaling, softcap,
-                                                  USE_SOFTCAP)
+            vpos = _entry_pos(EPOS, pid_bh, NTOT, T_CAP + rr, n_ok, T + rr, HAS_POS)
+            p, alpha, m_i, l_i, sl = _softmax_weights(s, T + rr, vpos, n_ok, qpos, start, m_i, l_i, scaling, softcap,
+                                                      USE_SOFTCAP)
+            if PROBS:
+                _store_logits(LG, sl, pid_bh, offs_m, GQ * NQ, T_CAP + rr, n_ok, NTOT, False)
             p = p.to(VDT)
             ptr = base_r + offs_gc[None, :]
             a0 = a0 * alpha[:, None] + tl.dot(p, tl.load(RV + ptr, mask=n_ok[:, None], other=0.0).to(VDT),
@@ -825,7 +916,7 @@ def _decode_split_kernel_v4(
 
 
 @triton.jit
-def _softmax_weights_t(sT, pos, n_ok, qpos, start, m_i, l_i, scaling, softcap, USE_SOFTCAP: tl.constexpr,
+def _softmax_weights_t(sT, pos, vpos, n_ok, qpos, start, m_i, l_i, scaling, softcap, USE_SOFTCAP: tl.constexpr,
                        MASKED: tl.constexpr):
     """`_softmax_weights` on transposed scores `[N, BQ]` (tokens along axis 0); MASKED False: a tile with every token
     visible to every query (interior history tiles), no masks."""
@@ -836,13 +927,13 @@ def _softmax_weights_t(sT, pos, n_ok, qpos, start, m_i, l_i, scaling, softcap, U
     else:
         sT = sT * (scaling * 1.4426950408889634)
     if MASKED:
-        ok = (pos[:, None] <= qpos[None, :]) & ((pos >= start) & n_ok)[:, None]
+        ok = (pos[:, None] <= qpos[None, :]) & ((vpos >= start) & n_ok)[:, None]
         sT = tl.where(ok, sT, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(sT, 0))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(sT - m_safe[None, :])
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, 0)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 0), sT
 
 
 @triton.jit
@@ -850,7 +941,8 @@ def _tile_t(q0T, q1T, m_i, l_i, a0, a1, a2, a3, zacc, it, T, start, qpos, KC, KS
             scaling, softcap, MASKED: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
             BITS: tl.constexpr, G: tl.constexpr, KEY_PER_CHANNEL: tl.constexpr, USE_SOFTCAP: tl.constexpr,
             ASM: tl.constexpr, VDT: tl.constexpr, PRECISION: tl.constexpr, CDT: tl.constexpr, KJ: tl.constexpr,
-            RAW_KEYS: tl.constexpr):
+            RAW_KEYS: tl.constexpr, LG, EPOS, pid_bh, NTOT, M: tl.constexpr, PROBS: tl.constexpr,
+            HAS_POS: tl.constexpr):
     """One history tile of v4t: transposed scores `[N, BQ]` = codes `[N, D]` @ (q * s)^T, values
     `o_g^T [G, BQ] += c_g [G, N] @ (p * s_g) [N, BQ]` (token-packed codes: the A operand with tokens along K)."""
     PB: tl.constexpr = 8 // BITS
@@ -921,8 +1013,11 @@ def _tile_t(q0T, q1T, m_i, l_i, a0, a1, a2, a3, zacc, it, T, start, qpos, KC, KS
             sT = tl.dot((k0.to(tl.float32) * ksb + kzb).to(VDT), q0T.to(VDT), input_precision=PRECISION)
             if PB == 2:
                 sT = tl.dot((k1.to(tl.float32) * ksb + kzb).to(VDT), q1T.to(VDT), acc=sT, input_precision=PRECISION)
-    p, alpha, m_i, l_i = _softmax_weights_t(sT, pos, n_ok, qpos, start, m_i, l_i, scaling, softcap, USE_SOFTCAP,
-                                            MASKED)
+    vpos = _entry_pos(EPOS, pid_bh, NTOT, pos, n_ok, pos, HAS_POS)
+    p, alpha, m_i, l_i, sl = _softmax_weights_t(sT, pos, vpos, n_ok, qpos, start, m_i, l_i, scaling, softcap,
+                                                USE_SOFTCAP, MASKED)
+    if PROBS:
+        _store_logits(LG, sl, pid_bh, tl.arange(0, BQ), M, pos, n_ok, NTOT, True)
     vzT = tl.load(VZ + rows[None, :] * NG + offs_z[:, None], mask=n_ok[None, :] & (offs_z < NG)[:, None],
                   other=0).to(VDT)
     zacc = zacc * alpha[None, :] + tl.dot(vzT, p.to(VDT), input_precision=PRECISION)
@@ -950,14 +1045,14 @@ def _tile_t(q0T, q1T, m_i, l_i, a0, a1, a2, a3, zacc, it, T, start, qpos, KC, KS
 
 @triton.jit(do_not_specialize=["T_CAP", "R_CAP", "P16", "TILES_PER_SPLIT", "S_HIST", "S_TOTAL"])
 def _decode_split_kernel_v4t(
-    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, KV_START, LENS, PM, PL, PO,
+    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, KV_START, LENS, PM, PL, PO, LG, EPOS,
     scaling, softcap, T_CAP, R_CAP, P16, HKV, TILES_PER_SPLIT, S_HIST, S_TOTAL,
     GQ: tl.constexpr, NQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
     KEY_PER_CHANNEL: tl.constexpr, HAS_START: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     ASM: tl.constexpr, VDT: tl.constexpr, PRECISION: tl.constexpr, CDT: tl.constexpr, K_JOIN: tl.constexpr,
     BIAS_DOT: tl.constexpr = True, DYN_LEN: tl.constexpr = False, RAW_KEYS: tl.constexpr = False,
-    PEEL: tl.constexpr = True,
+    PEEL: tl.constexpr = True, PROBS: tl.constexpr = False, HAS_POS: tl.constexpr = False,
 ):
     """v4, transposed: the `G_q * q` query rows are the N side of every dot (BLOCK_M = BQ columns, >= 8 instead of
     the 16 rows an MMA's M side needs), tokens and channels its M side: scores `[N, BQ]`, outputs `o^T [D, BQ]`.
@@ -998,6 +1093,10 @@ def _decode_split_kernel_v4t(
         start = tl.load(KV_START + b).to(tl.int32)
     else:
         start = 0
+    skip = start  # left padding skipped by whole tiles; not with entry positions (validity is per entry there)
+    if HAS_POS:
+        skip = 0
+    NTOT = T_CAP + R_CAP  # entries of the logits / positions rows: history capacity, then residual capacity
     m_i = tl.full([BQ], float("-inf"), tl.float32)
     l_i = tl.zeros([BQ], tl.float32)
     a0 = tl.zeros([G, BQ], tl.float32)  # o^T of value group g (channels g*G ..)
@@ -1008,7 +1107,7 @@ def _decode_split_kernel_v4t(
     span = TILES_PER_SPLIT * BLOCK_N
     if pid_s < S_HIST:
         lo, hi = _history_range(pid_s, T, span, S_HIST, BLOCK_N, DYN_LEN)
-        lo_t = tl.maximum(lo, start) // BLOCK_N
+        lo_t = tl.maximum(lo, skip) // BLOCK_N
         hi_t = tl.cdiv(hi, BLOCK_N)
         # tiles [in_lo, in_hi) need no mask: after left padding, before the end of the history, before every query
         in_lo = tl.cdiv(start, BLOCK_N)
@@ -1017,20 +1116,20 @@ def _decode_split_kernel_v4t(
         prow = P16 * 16
         vrow0 = pid_bh.to(tl.int64) * D
         for it in range(lo_t, hi_t):
-            if PEEL and (it >= in_lo) & (it < in_hi):
+            if PEEL and not HAS_POS and (it >= in_lo) & (it < in_hi):
                 m_i, l_i, a0, a1, a2, a3, zacc = _tile_t(
                     q0T, q1T, m_i, l_i, a0, a1, a2, a3, zacc, it, T, start, qpos, KC, KS, KZ, VC, VS, VZ, bh_t, vrow0,
                     prow, scaling, softcap, False, BQ, BLOCK_N, D, BITS, G, KEY_PER_CHANNEL, USE_SOFTCAP, ASM, VDT,
-                    PRECISION, CDT, KJ, RAW)
+                    PRECISION, CDT, KJ, RAW, LG, EPOS, pid_bh, NTOT, GQ * NQ, PROBS, HAS_POS)
             else:
                 m_i, l_i, a0, a1, a2, a3, zacc = _tile_t(
                     q0T, q1T, m_i, l_i, a0, a1, a2, a3, zacc, it, T, start, qpos, KC, KS, KZ, VC, VS, VZ, bh_t, vrow0,
                     prow, scaling, softcap, True, BQ, BLOCK_N, D, BITS, G, KEY_PER_CHANNEL, USE_SOFTCAP, ASM, VDT,
-                    PRECISION, CDT, KJ, RAW)
+                    PRECISION, CDT, KJ, RAW, LG, EPOS, pid_bh, NTOT, GQ * NQ, PROBS, HAS_POS)
     else:  # residual: full-precision keys and values in channel order
         lo = (pid_s - S_HIST) * span
         hi = tl.minimum(R, lo + span)
-        lo = tl.maximum(lo, ((start - T) // BLOCK_N) * BLOCK_N)
+        lo = tl.maximum(lo, ((skip - T) // BLOCK_N) * BLOCK_N)
         bh_r = pid_bh.to(tl.int64) * R_CAP
         for r0 in tl.range(lo, hi, BLOCK_N, num_stages=1):
             rr = r0 + offs_n
@@ -1046,8 +1145,11 @@ def _decode_split_kernel_v4t(
                 if PB == 2:
                     sT = tl.dot(tl.load(RK + ptr + 1, mask=n_ok[:, None], other=0.0).to(VDT), q1T.to(VDT), acc=sT,
                                 input_precision=PRECISION)
-            p, alpha, m_i, l_i = _softmax_weights_t(sT, T + rr, n_ok, qpos, start, m_i, l_i, scaling, softcap,
-                                                    USE_SOFTCAP, True)
+            vpos = _entry_pos(EPOS, pid_bh, NTOT, T_CAP + rr, n_ok, T + rr, HAS_POS)
+            p, alpha, m_i, l_i, sl = _softmax_weights_t(sT, T + rr, vpos, n_ok, qpos, start, m_i, l_i, scaling,
+                                                        softcap, USE_SOFTCAP, True)
+            if PROBS:
+                _store_logits(LG, sl, pid_bh, offs_m, GQ * NQ, T_CAP + rr, n_ok, NTOT, True)
             p = p.to(VDT)
             ptrT = (bh_r + rr)[None, :] * D + offs_gc[:, None]  # [G, N]: values transposed
             a0 = a0 * alpha[None, :] + tl.dot(tl.load(RV + ptrT, mask=n_ok[None, :], other=0.0).to(VDT), p,
@@ -1184,7 +1286,8 @@ def resolve_config(packed: PackedKV, head_dim: int, config: DecodeConfig | None 
 
 
 def triton_decode_attention(query: torch.Tensor, packed: PackedKV, kv_start: torch.Tensor | None, scaling: float,
-                            softcap: float = 0.0, config: DecodeConfig | None = None) -> torch.Tensor:
+                            softcap: float = 0.0, config: DecodeConfig | None = None,
+                            positions: torch.Tensor | None = None, return_probs: bool = False):
     """Attention of `query` `[B, H_q, q, D]` over `packed` (history + residual, see `PackedKV`); `[B, H_q, q, D]`.
 
     kv_start: int `[B]` first valid key per row (left padding) or None. scaling multiplies q . k; softcap: Gemma-2
@@ -1193,6 +1296,16 @@ def triton_decode_attention(query: torch.Tensor, packed: PackedKV, kv_start: tor
     Valid-length mode (`packed.lengths`, an int `(2,)` device tensor): the history/residual tensors are capacity
     buffers; the kernels load the valid lengths themselves, and every host-side value (grid, split counts, block
     sizes, launch arguments) depends only on shapes, so one launch can be replayed by a CUDA graph as they change.
+
+    positions: None, or int `[B, H_kv, T_cap + R_cap]` (history entries, then residual entries): each entry's own
+    position; an entry is then attended iff `positions >= kv_start[b]` (0 without kv_start; -1 marks an empty entry),
+    per entry instead of a prefix of left padding (eviction's slots: validity is not a prefix once slots are
+    replaced). Causality among q > 1 queries still follows the logical order (history, then residual).
+    return_probs: also return fp32 `[B, H_kv, T_cap + R_cap]`, each entry's attention probability summed over the
+    G_q query heads of its KV head and the q queries, from the same pass: the split kernels store their masked
+    scores (fp32 `[B * H_kv, G_q * q, T_cap + R_cap]`), the reduce writes each query row's log-sum-exp, and a third
+    small kernel sums `exp(score - lse)` over the rows. Entries no query sees are 0. Off (the default) the extra code
+    is compiled out (constexpr).
     """
     b, hq, nq, d = query.shape
     bits, gs = packed.bits, packed.group_size
@@ -1246,6 +1359,13 @@ def triton_decode_attention(query: torch.Tensor, packed: PackedKV, kv_start: tor
     f32 = torch.float32
     pm = torch.empty((b * hkv, s_total, block_m), device=dev, dtype=f32)
     pl = torch.empty_like(pm)
+    n_tot = t + r  # entries of the logits / positions / probabilities rows
+    if return_probs:
+        lg = torch.empty((b * hkv, gq * nq, n_tot), device=dev, dtype=f32)
+        lse = torch.empty((b * hkv * gq * nq,), device=dev, dtype=f32)
+        probs = torch.empty((b, hkv, n_tot), device=dev, dtype=f32)
+    else:
+        lg = lse = probs = pm
     po = torch.empty((b * hkv, s_total, block_m, d), device=dev, dtype=f32)
     out = torch.empty((b, hq, nq, d), device=dev, dtype=dtype)
     q = query.contiguous()
@@ -1255,16 +1375,22 @@ def triton_decode_attention(query: torch.Tensor, packed: PackedKV, kv_start: tor
                                         packed.value_scale, packed.value_zero))
     rk, rv = (x.contiguous() if has_res else dummy for x in (packed.residual_keys, packed.residual_values))
     start = kv_start.contiguous() if kv_start is not None else dummy
+    if positions is not None and tuple(positions.shape) != (b, hkv, n_tot):
+        raise ValueError(f"positions must be [B, H_kv, T_cap + R_cap] = {(b, hkv, n_tot)}, got "
+                         f"{tuple(positions.shape)}")
+    epos = positions.contiguous() if positions is not None else dummy
     common = dict(GQ=gq, NQ=nq, BLOCK_M=block_m, BLOCK_N=block_n, D=d, BITS=bits, G=gs,
                   KEY_PER_CHANNEL=bool(key_per_channel), HAS_START=kv_start is not None, USE_SOFTCAP=bool(softcap),
-                  VDT=vdt, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  VDT=vdt, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                  PROBS=bool(return_probs), HAS_POS=positions is not None)
     if cfg.maxnreg is not None and not INTERPRET:  # register cap per thread: more programs per SM
         common["maxnreg"] = int(cfg.maxnreg)
     # valid-length mode: t, r above (and all that derives from them) are the capacities; the kernels bound their loops
     # and masks by the lengths they load themselves
     lens = packed.lengths.contiguous() if packed.lengths is not None else dummy
     common["DYN_LEN"] = packed.lengths is not None
-    head = (q, kc, ks, kz, vc, vs, vz, rk, rv, start, lens, pm, pl, po, float(scaling), float(softcap or 1.0), t, r)
+    head = (q, kc, ks, kz, vc, vs, vz, rk, rv, start, lens, pm, pl, po, lg, epos, float(scaling),
+            float(softcap or 1.0), t, r)
     tail = (hkv, tiles_per_split, s_hist, s_total)
     grid = (b * hkv, s_total)
     if variant >= 3:  # exact codes; inline PTX needs a GPU and 16-bit floats
@@ -1290,10 +1416,19 @@ def triton_decode_attention(query: torch.Tensor, packed: PackedKV, kv_start: tor
     else:
         _decode_split_kernel_v2[grid](*head, *tail, MAGIC=magic, OFF=off, KDT=kdt, **common)
     _decode_reduce_kernel[(b * hkv, gq * nq)](
-        pm, pl, po, out, s_total, GQ=gq, NQ=nq, BLOCK_M=block_m, D=d,
-        BLOCK_S=triton.next_power_of_2(s_total), num_warps=4,
+        pm, pl, po, out, lse, s_total, GQ=gq, NQ=nq, BLOCK_M=block_m, D=d,
+        BLOCK_S=triton.next_power_of_2(s_total), num_warps=4, PROBS=bool(return_probs),
     )
-    return out
+    if not return_probs:
+        return out
+    block_r = triton.next_power_of_2(gq * nq)
+    block = min(256, triton.next_power_of_2(n_tot), max(16, 4096 // block_r))  # <= 4096 fp32 scores per program
+    _decode_probs_kernel[(b * hkv, triton.cdiv(n_tot, block))](
+        lg, lse, probs, start, lens, t, r, hkv, M=gq * nq, BLOCK_R=block_r, BLOCK=block,
+        HAS_START=kv_start is not None, HAS_POS=positions is not None, DYN_LEN=packed.lengths is not None,
+        num_warps=4,
+    )
+    return out, probs
 
 
 def supported_shape(head_dim: int, bits: int, group_size: int, key_per_channel: bool) -> str | None:
