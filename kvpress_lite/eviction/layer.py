@@ -120,7 +120,9 @@ class EvictionLayer(BridgedLayerMixin, BatchStateMixin, CacheLayerMixin):
         keys, values = self._read or (None, None)  # None after a fused forward (only policies without attention)
         self._read = None
         q, P = query.shape[-2], self.store.length
-        is_real = observe.real_keys(attention_mask)  # [B, P] or None
+        # A decode step's token is real (generate never feeds pads after the prompt): no pads to learn, 4 fewer
+        # kernel launches per layer and step on a host-bound GPU step.
+        is_real = None if (q == 1 and not self.in_prompt) else observe.real_keys(attention_mask)  # [B, P] or None
         query_real = None
         if is_real is not None:
             query_real = is_real[:, P - q :]

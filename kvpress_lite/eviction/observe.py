@@ -137,6 +137,8 @@ def attention_mass(
     G = Hq // Hkv
     scaling = D**-0.5 if scaling is None else scaling
     first = 0 if window is None else max(q - window, 0)
+    if weights is not None and q == 1 and query_real is None and reduce == "sum":  # a decode step: one reduction
+        return weights.view(B, Hkv, G, P).sum(dim=2, dtype=torch.float32)
     mass = torch.zeros(B, Hkv, P, dtype=torch.float32, device=key.device)
     keys_t = key.transpose(-1, -2)  # (B, Hkv, D, P); a plain 4D matmul (a broadcast 5D one is ~12x slower on CPU)
     for start in range(first, q, QUERY_BLOCK):
