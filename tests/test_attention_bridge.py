@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import tiny_gemma3, tiny_llama
@@ -180,10 +185,33 @@ def test_eviction_with_bits_fuses_policies_without_attention(monkeypatch):
         assert layer.physical_length <= 12 + layer.slack and layer.store.quantized_length > 0
     assert (out - plain).abs().max().item() <= 1e-4
     evictions = counter.calls
-    with EvictionCache(model, policy="snapkv", fused=True, kernel_impl="torch", **params) as cache:  # not fused
+    with EvictionCache(model, policy="kvzip", fused=True, kernel_impl="torch", **params) as cache:  # not fused
         generate(model, cache, ids, mask, new=12)
-    assert counter.calls - evictions >= 2 * 12  # every decoding forward of every layer read the history
+    assert counter.calls - evictions >= 2 * 12  # max over query heads: every decoding forward read the history
     assert evictions <= 2 * 3  # knorm: only the prompt's forward and the evictions (every 6th step) dequantize
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "h2o", "tova"])
+def test_eviction_with_bits_scores_decode_steps_from_the_kernels_probabilities(monkeypatch, policy):
+    """Attention-ranked policies with `bits`: a decode step is one pass of the decode seam over the packed slots (the
+    fp32 reference here, the Triton kernel on CUDA) whose per-slot probabilities update the scores; same logits,
+    same kept positions and scores as the dequantized path, and the history is no longer dequantized per step."""
+    model = tiny_llama()
+    ids, mask = left_padded(length=30, pad=6)
+    params = dict(budget=12, sinks=1, recent=2, slack=5, bits=4, group_size=8, residual_length=2)
+    with EvictionCache(model, policy=policy, fused=False, **params) as cache:
+        plain = logits(generate(model, cache, ids, mask, new=12))
+        plain_state = [(layer.positions.clone(), layer.scores.clone()) for layer in cache.layers]
+    counter = _CountDequantize(monkeypatch)
+    with EvictionCache(model, policy=policy, fused=True, kernel_impl="torch", **params) as cache:
+        out = logits(generate(model, cache, ids, mask, new=12))
+        assert all(layer._fused for layer in cache.layers)  # the last step went through the kernel path
+        state = [(layer.positions, layer.scores) for layer in cache.layers]
+    assert (out - plain).abs().max().item() <= 1e-4
+    for (positions, scores), (plain_positions, plain_scores) in zip(state, plain_state):
+        assert torch.equal(positions, plain_positions)
+        torch.testing.assert_close(scores, plain_scores, atol=1e-5, rtol=1e-4)
+    assert counter.calls <= 2 * 3  # the prompt's forward and evictions only, not every one of the 12 steps
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -208,3 +236,36 @@ def test_gpu_fused_decode_runs_the_kernel_and_matches(monkeypatch):
     assert counter.calls == 2  # prompt only
     rel = ((out.float() - plain.float()).norm() / plain.float().norm()).item()
     assert rel < 2e-2, rel
+
+
+_TRITON_EVICTION = """
+import sys, torch
+sys.path.insert(0, "tests")
+from conftest import tiny_llama
+from test_attention_bridge import generate, left_padded, logits
+from kvpress_lite import EvictionCache
+model = tiny_llama()
+ids, mask = left_padded(length=30, pad=6)
+params = dict(budget=12, sinks=1, recent=2, slack=5, bits=4, group_size=8, residual_length=2)
+with EvictionCache(model, policy="h2o", fused=False, **params) as cache:
+    plain = logits(generate(model, cache, ids, mask, new=6))
+    kept = [layer.positions.clone() for layer in cache.layers]
+with EvictionCache(model, policy="h2o", fused=True, kernel_impl="triton", **params) as cache:
+    out = logits(generate(model, cache, ids, mask, new=6))
+    assert all(layer._fused for layer in cache.layers)
+    assert all(torch.equal(layer.positions, k) for layer, k in zip(cache.layers, kept))
+print("max abs logit difference", (out - plain).abs().max().item())
+assert (out - plain).abs().max().item() <= 1e-4
+"""
+
+
+def test_eviction_kernel_scores_through_the_triton_kernel_interpreted():
+    """The same decode steps through the Triton kernel itself (its probability outputs), run by Triton's interpreter
+    on the CPU in a subprocess (TRITON_INTERPRET must be set before triton is imported)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(pathlib.Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-c", _TRITON_EVICTION], cwd=pathlib.Path(__file__).parents[1], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "max abs logit difference" in proc.stdout

@@ -32,10 +32,10 @@ class EvictionCache(CompressedCache):
     (garbage collection too, as a backstop). While no cache layer is pending the wrapper returns exactly what the
     original returns, so the model behaves the same with any other cache meanwhile.
 
-    Fused decoding: with `bits` and a policy that needs no attention (knorm, streaming, random), decoding forwards
-    (q <= 16) on CUDA run the Triton kernel over the packed kept slots instead of attention over a dequantized copy
-    (`fused=None`, default); attention-ranked policies (h2o, tova, snapkv) read the full-precision keys to score them,
-    so they keep the dequantized path.
+    Fused decoding: with `bits`, decoding forwards on CUDA run the Triton kernel over the packed kept slots instead of
+    attention over a dequantized copy (`fused=None`, default): any forward of q <= 16 tokens for policies that need no
+    attention (knorm, streaming, random); one-token decode steps for attention-ranked policies that sum attention
+    (h2o, tova, snapkv), whose scores then come from the kernel's per-slot probabilities of the same pass.
 
     Args:
         model: the `PreTrainedModel` that will run with this cache (decoder-only, sdpa or eager attention, no MLA).

@@ -107,7 +107,7 @@ class EvictionLayer(BridgedLayerMixin, BatchStateMixin, CacheLayerMixin):
         """Attention, then `observe` (called by the bridge; see `observe.attend`)."""
         return observe.attend(self, base, module, query, key, value, attention_mask, **kwargs)
 
-    def observe(self, query, key, attention_mask=None, weights=None, scaling=None, softcap=None) -> None:
+    def observe(self, query, key, attention_mask=None, weights=None, scaling=None, softcap=None, mass=None) -> None:
         """After attention: learn new pads from the mask, update scores, evict if over budget.
 
         Args:
@@ -115,6 +115,8 @@ class EvictionLayer(BridgedLayerMixin, BatchStateMixin, CacheLayerMixin):
             key: `[B, H_kv, P, D]` the keys `update` returned (what attention read).
             attention_mask: the 4D mask attention used (bool or additive) or None.
             weights: eager attention's probabilities `[B, H_q, q, P]`, or None (sdpa).
+            mass: the attention mass `[B, H_kv, P]` fp32 if the attention already summed it (the decode kernel's
+                probabilities), else None (computed here from `weights` or the queries).
         """
         self._pending = False
         keys, values = self._read or (None, None)  # None after a fused forward (only policies without attention)
@@ -128,10 +130,11 @@ class EvictionLayer(BridgedLayerMixin, BatchStateMixin, CacheLayerMixin):
             query_real = is_real[:, P - q :]
             self.n_pad = self.n_pad + (~query_real).sum(dim=-1)
         if self.policy.uses_attention:
-            mass = observe.attention_mass(
-                query, key, attention_mask, weights, scaling, softcap, self.policy.attention_window, query_real,
-                self.policy.attention_reduce,
-            )
+            if mass is None:
+                mass = observe.attention_mass(
+                    query, key, attention_mask, weights, scaling, softcap, self.policy.attention_window, query_real,
+                    self.policy.attention_reduce,
+                )
             inputs = ScoreInputs(keys, values, self.positions, mass, self.scores, self.length, q)
             self.scores = self.policy.score(inputs)
         if self.policy.query_window:

@@ -20,17 +20,21 @@ QUERY_BLOCK = 256  # queries scored at once: bounds the transient to [B, H_q, 25
 def attend(layer, base, module, query, key, value, attention_mask, **kwargs):
     """What the bridge runs for one pending `EvictionLayer` forward (its `bridged_attention`): attention (the fused
     kernel when `update` chose it, see `fuses`), then `layer.observe(query, key, mask, weights)`."""
-    output, weights = None, None
-    if layer._fused:
+    output, weights, mass = None, None, None
+    if layer._fused and layer.policy.uses_attention:  # the kernel's pass also gives every slot's probability
+        fused = fused_path.attend_probs(layer.store, query, attention_mask, kwargs, layer.fused_decode[1])
+        output, mass = fused if fused is not None else (None, None)
+    elif layer._fused:
         output = fused_path.attend(layer.store, query, attention_mask, kwargs, layer.fused_decode[1])
-        if output is None:  # a mask/kwargs the kernel does not compute: base attention over a dequantized copy
-            key, value = layer.store.read()
+    if layer._fused and output is None:  # a mask/kwargs the kernel does not compute: base attention over a copy
+        key, value = layer.store.read()
     if output is None and layer.policy.uses_attention and one_pass(query, kwargs):
         output, weights = decode_attention(query, key, value, attention_mask, kwargs.get("scaling"),
                                            kwargs.get("softcap"))
     if output is None:
         output, weights = base(module, query, key, value, attention_mask, **kwargs)
-    layer.observe(query, key, attention_mask, weights, scaling=kwargs.get("scaling"), softcap=kwargs.get("softcap"))
+    layer.observe(query, key, attention_mask, weights, scaling=kwargs.get("scaling"), softcap=kwargs.get("softcap"),
+                  mass=mass)
     return output, weights
 
 
@@ -72,13 +76,17 @@ def decode_attention(query, key, value, attention_mask=None, scaling=None, softc
 def fuses(layer, q: int) -> bool:
     """True if `layer`'s forward of `q` queries should run the fused kernel over its quantized store.
 
-    Only for policies that need no attention scores (knorm, streaming, random): attention-ranked policies score
-    every slot from the queries, which needs the full-precision keys anyway. Enabled per layer by `EvictionCache`
+    Policies that need no attention scores (knorm, streaming, random): any forward the kernel decodes (q <= 16).
+    Attention-ranked policies that sum attention (h2o, tova, snapkv): decode steps (q == 1) through an implementation
+    that also returns each slot's probability (`fused.probs_fusable`: the Triton kernel on CUDA), so the step reads
+    the packed slots once and never dequantizes them. Enabled per layer by `EvictionCache`
     (`layer.fused_decode = (attachment, kernel_impl)`).
     """
     options = getattr(layer, "fused_decode", None)
-    if options is None or not options[0].active or layer.policy.uses_attention:
+    if options is None or not options[0].active:
         return False
+    if layer.policy.uses_attention:  # the kernel sums probabilities over query heads: not KVzip's max
+        return layer.policy.attention_reduce == "sum" and fused_path.probs_fusable(layer.store, q, options[1])
     return fused_path.fusable(layer.store, q, options[1])
 
 

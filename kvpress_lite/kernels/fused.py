@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import check_impl, decode, select, triton_available
+from .dispatch import check_impl, decode, decode_probs, probs_impl, select, triton_available
 from .masks import decode_start, kv_start_from_mask
 
 FUSED_CHOICES = (None, True, False)
@@ -73,6 +73,31 @@ def attend(store, query: torch.Tensor, attention_mask, kwargs: dict, kernel_impl
     return out.transpose(1, 2).contiguous()  # [B, q, H_q, D]; a no-op copy for q == 1
 
 
+def probs_fusable(store, q: int, kernel_impl: str = "auto") -> bool:
+    """`fusable`, for a layer that also needs each slot's attention probability (attention-ranked eviction): one
+    query (a decode step) and an implementation that returns probabilities (`probs_impl`: the Triton kernel on CUDA;
+    on a CPU only when forced)."""
+    if q != 1 or not fusable(store, q, kernel_impl):
+        return False
+    keys = store.keys
+    return probs_impl(kernel_impl, keys.device, keys.dtype, keys.shape[-1], store.bits, store.group_size,
+                      store.key_mode) is not None
+
+
+def attend_probs(store, query: torch.Tensor, attention_mask, kwargs: dict, kernel_impl: str = "auto"):
+    """`attend` plus each slot's probability: (`[B, q, H_q, D]` output, fp32 `[B, H_kv, P]` attention mass summed
+    over each KV head's query heads, P = `store.length`, history then residual: the slot order), or None where the
+    kernel cannot compute what the mask/kwargs ask for."""
+    if not plain_kwargs(kwargs):
+        return None
+    ok, kv_start = kv_start_from_mask(attention_mask, query.shape[-2], store.length)
+    if not ok:
+        return None
+    out, mass = decode_probs(query, store.packed(), kv_start, kwargs.get("scaling"), kwargs.get("softcap"),
+                             impl=kernel_impl)
+    return out.transpose(1, 2).contiguous(), mass
+
+
 def static_refusal(device: torch.device, head_dim: int, bits: int, group_size: int, kernel_impl: str) -> str | None:
     """None if a static cache on `device` can decode through the seam with fixed launch arguments, else why not.
 
@@ -95,5 +120,5 @@ def attend_static(store, query: torch.Tensor, attention_mask, kwargs: dict, kern
     return out.transpose(1, 2).contiguous()
 
 
-__all__ = ["attend", "attend_static", "check_options", "fusable", "model_device", "plain_kwargs", "static_refusal",
-           "wants_bridge"]
+__all__ = ["attend", "attend_probs", "attend_static", "check_options", "fusable", "model_device", "plain_kwargs",
+           "probs_fusable", "static_refusal", "wants_bridge"]
