@@ -338,6 +338,37 @@ def test_decoding_keeps_what_eviction_cache_keeps_without_slack(policy, params, 
     assert min(ref.layers[0].positions[0, 0].tolist()) == 0 and ref.layers[0].physical_length == 24
 
 
+def test_slack_widens_the_ring_within_the_budget():
+    """EvictionCache's slack lets its protected window swing from `recent` to `recent + slack` tokens; the fixed-slot
+    cache protects `recent + slack // 2` within the same budget (budget 24, recent 8, slack 4: 14 slots, a ring of
+    11 entries), so after each step the last 11 positions are all kept (h2o alone drops them: their sums are small)."""
+    model = tiny_llama()
+    ids, mask = left_padded_prompt()
+    with FixedSlotEvictionCache(model, budget=24, sinks=2, recent=8, slack=4) as cache:
+        greedy_with_logits(model, cache, ids, mask, 16)
+    length = 40 + 15
+    for layer in cache.layers:
+        assert (layer.store.slots, layer.window, layer.capacity) == (14, 11, 25)
+        for row in range(2):
+            for head in range(2):
+                kept = set(layer.positions[row, head].tolist())
+                assert set(range(length - 11, length)) <= kept and -1 not in kept
+
+
+def test_the_prompt_moves_its_best_scored_tokens_into_fewer_slots():
+    """When the ring protects more than the prompt's `recent` (slack), the prompt's others may exceed the slots: the
+    lowest-scored are dropped, not the newest."""
+    torch.manual_seed(0)
+    layer = FixedSlotLayer(make_policy("h2o"), EvictionBudget(8, None, 1, 2, 4), 0, SlotKV)  # protects 2 + 4 // 2
+    keys, values = torch.randn(2, 1, 1, 10, 4).unbind(0)
+    layer.update(keys, values)
+    layer.prompt.observe(torch.randn(1, 1, 10, 4), keys)  # 10 <= budget + slack: nothing evicted yet
+    layer.prompt.scores.copy_(torch.tensor([0.0, 5.0, 1.0, 4.0, 3.0, 0.1, 0.2, 2.0, 0.0, 0.0]))
+    layer.start_decoding()  # the prompt keeps 8 (drops 5, 6); 4 slots for 0..4: the sink, 1, 3, 4 (2 scores lowest)
+    assert (layer.store.slots, layer.window) == (4, 5)
+    assert layer.positions[0, 0].tolist() == [0, 1, 3, 4, -1, -1, 7, 8, 9]  # ring entry p % 5; 5, 6 evicted
+
+
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="inductor's CPU backend needs a C++ compiler")
 def test_inductor_writes_the_slots_in_place():

@@ -36,7 +36,10 @@ class FixedSlotEvictionCache(CompressedCache):
             (exactly one); a step attends to them and the incoming token.
         sinks: first real tokens never evicted. recent: the most recent tokens, never evicted, kept in the
             full-precision ring of `recent + 1` entries (as `EvictionCache`'s `recent`, they count in the budget).
-        slack: the prompt's eviction slack (see `EvictionBudget`); decoding has none.
+        slack: the prompt's eviction slack (see `EvictionBudget`; None: `min(16, budget // 32)`, as
+            `EvictionCache`). Decoding has none, but as `EvictionCache`'s protected window swings between `recent`
+            and `recent + slack` tokens, the ring protects `recent + slack // 2` (within the budget); `slack=0`:
+            exactly `EvictionCache(slack=0)`.
         bits: None (slots in the model dtype), 8 or 4 (slots as KIVI codes with per-token keys and values).
         group_size: channels per quantization group (divides head_dim).
         **policy_params: the policy's hyperparameters (`average=` for h2o, `window=`/`kernel=` for snapkv, `seed=`).
