@@ -15,7 +15,7 @@ from kvpress_lite.eviction.fixed_slot import SUPPORTED_POLICIES, FixedSlotLayer
 from kvpress_lite.eviction.fixed_slot_store import SlotKV
 from kvpress_lite.eviction.policy import EvictionBudget, make_policy
 
-SMALL = dict(budget=24, sinks=2, recent=8)  # 40-token prompts: 16 slots + an 8-token ring per (row, kv head)
+SMALL = dict(budget=24, sinks=2, recent=8)  # 40-token prompts: 16 slots + a 9-entry ring per (row, kv head)
 
 
 def _compile_config():
@@ -25,10 +25,10 @@ def _compile_config():
 
 
 # ---------------------------------------------------------------------------------------------- model-free layer
-def _decoding_layer(policy="h2o", budget=6, sinks=1, recent=2, prompt=6, seed=0):
+def _decoding_layer(policy="h2o", budget=6, sinks=1, recent=2, prompt=6, seed=0, **params):
     """A FixedSlotLayer that took a `[1, 2, prompt, 8]` random prompt and started decoding (no model)."""
     torch.manual_seed(seed)
-    layer = FixedSlotLayer(make_policy(policy), EvictionBudget(budget, None, sinks, recent, 0), 0, SlotKV)
+    layer = FixedSlotLayer(make_policy(policy, **params), EvictionBudget(budget, None, sinks, recent, 0), 0, SlotKV)
     keys, values = torch.randn(2, 1, 2, prompt, 8).unbind(0)
     layer.update(keys, values)
     layer.prompt.observe(torch.randn(1, 4, prompt, 8), keys)  # no mask: causal, no padding
@@ -45,46 +45,69 @@ def _step(layer, seed=1):
 
 def test_leaving_token_replaces_the_lowest_slot_only_if_it_ranks_higher():
     """H2O's greedy step: the token leaving the ring takes the lowest-scored non-sink slot iff it scores higher."""
-    layer = _decoding_layer()  # 4 slots (sink 0, then 1..3), ring of 2 holds positions 4, 5
+    layer = _decoding_layer()  # budget 6 = 4 slots (sink 0, 1, 2, one empty) + recent 2; ring of 3 holds 3, 4, 5
     s = layer.store.slots
-    assert s == 4 and layer.positions[0, 0].tolist() == [0, 1, 2, 3, 4, 5]
+    assert s == 4 and layer.positions[0, 0].tolist() == [0, 1, 2, -1, 3, 4, 5]
+    _step(layer)  # L = 6: position 3 leaves ring entry 0 for the empty slot, 6 enters the ring
+    assert layer.positions[0, 0].tolist() == [0, 1, 2, 3, 6, 4, 5]
     layer.scores[0, 0, :s] = torch.tensor([0.0, 5.0, 1.0, 3.0])  # sink 0 is protected despite its 0 score
-    layer.scores[0, 0, s + 0] = 2.0  # position 4 (ring entry 0) leaves at step L = 6: beats slot 2 (score 1)
+    layer.scores[0, 0, s + 1] = 2.0  # position 4 (ring entry 1) leaves at step L = 7: beats slot 2 (score 1)
     layer.scores[0, 1, :s] = torch.tensor([0.0, 5.0, 4.0, 3.0])
-    layer.scores[0, 1, s + 0] = 2.0  # head 1: loses against every slot, dropped
+    layer.scores[0, 1, s + 1] = 2.0  # head 1: loses against every slot, dropped
     _step(layer)
-    assert layer.positions[0, 0].tolist() == [0, 1, 4, 3, 6, 5]  # slot 2 <- position 4, ring entry 0 <- new token 6
-    assert layer.positions[0, 1].tolist() == [0, 1, 2, 3, 6, 5]
-    assert int(layer.length) == 7
+    assert layer.positions[0, 0].tolist() == [0, 1, 4, 3, 6, 7, 5]  # slot 2 <- position 4, ring entry 1 <- token 7
+    assert layer.positions[0, 1].tolist() == [0, 1, 2, 3, 6, 7, 5]
+    assert int(layer.length) == 8
 
 
 def test_step_attention_and_scores_match_a_dense_reference():
     """The step's output is softmax attention over the valid entries; h2o scores grow by each entry's probability."""
-    layer = _decoding_layer(budget=8, prompt=5)  # 6 slots, 3 filled (0..2), ring holds 3, 4; 3 slots empty
+    layer = _decoding_layer(budget=8, prompt=5)  # 6 slots, 2 filled (0, 1); the ring of 3 holds 2, 3, 4
     torch.manual_seed(1)
     key, value, query = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 4, 1, 8)
-    keys, values = layer.update(key, value)  # position 3 leaves the ring for an empty slot; 5 enters it
+    keys, values = layer.update(key, value)  # position 2 leaves the ring for an empty slot; 5 enters it
     before = layer.scores.clone()
     out = layer.attend(None, None, query, keys, values, None)[0]
     valid = layer.positions[0] >= 0  # (H, N)
-    assert valid.sum().item() == 2 * 6 and layer.positions[0, 0].tolist() == [0, 1, 2, 3, -1, -1, 4, 5]
-    assert torch.equal(keys[0, :, 7], key[0, :, 0])  # ring entry 5 % 2
+    assert valid.sum().item() == 2 * 6 and layer.positions[0, 0].tolist() == [0, 1, 2, -1, -1, -1, 3, 4, 5]
+    assert torch.equal(keys[0, :, 8], key[0, :, 0])  # ring entry 5 % 3
     logits = (query.view(2, 2, 8) @ keys[0].transpose(-1, -2)) * 8**-0.5  # (H, G, N)
     probs = logits.masked_fill(~valid[:, None], -float("inf")).softmax(-1)
     torch.testing.assert_close(out[0, 0], (probs @ values[0]).reshape(4, 8))
     torch.testing.assert_close(layer.scores[0], torch.where(valid, before[0], 0.0) + probs.sum(1))
 
 
+@pytest.mark.parametrize("policy", ["snapkv", "h2o", "tova"])
+def test_a_step_does_not_depend_on_slot_order(policy):
+    """Slots are in no particular order once replaced: permuting them changes neither the step's output nor any
+    token's new score. SnapKV max-pools its scores over neighbouring positions (as EvictionCache, whose slots stay in
+    position order), not over neighbouring slots."""
+    layers = [_decoding_layer(policy, budget=8, prompt=8, **({"kernel": 3} if policy == "snapkv" else {}))
+              for _ in range(2)]
+    perm = torch.tensor([0, 3, 1, 4, 2, 5, 6, 7, 8])  # slots 1..4 shuffled (5: empty, 6..8: the ring)
+    shuffled = layers[1]
+    for tensor in (shuffled.store.keys, shuffled.store.values, shuffled.positions, shuffled.scores):
+        tensor.copy_(tensor[:, :, perm])
+    assert shuffled.positions[0, 0].tolist() == [0, 3, 1, 4, 2, -1, 6, 7, 5]
+    outs = [_step(layer)[0] for layer in layers]
+    torch.testing.assert_close(outs[1], outs[0])
+    for head in range(2):
+        by_position = [dict(zip(layer.positions[0, head].tolist(), layer.scores[0, head].tolist())) for layer in layers]
+        assert by_position[1].keys() == by_position[0].keys()
+        for position, score in by_position[0].items():
+            assert by_position[1][position] == pytest.approx(score, rel=1e-6), (head, position)
+
+
 def test_streaming_keeps_sinks_and_the_most_recent_tokens():
     """StreamingLLM through fixed slots: after any number of steps the kept positions are exactly the sinks and the
-    last budget - sinks tokens (the oldest non-sink slot is replaced each step)."""
+    last budget - sinks tokens before the incoming one (the oldest non-sink slot is replaced each step)."""
     layer = _decoding_layer("streaming", budget=6, sinks=2, recent=2, prompt=10)
     for step in range(7):
         _step(layer, seed=step)
     length = int(layer.length)
     assert length == 17
     for head in range(2):
-        assert sorted(layer.positions[0, head].tolist()) == [0, 1] + list(range(length - 4, length))
+        assert sorted(layer.positions[0, head].tolist()) == [0, 1] + list(range(length - 5, length))
 
 
 # ---------------------------------------------------------------------------------------------- with a model
@@ -105,7 +128,7 @@ def test_budget_above_the_length_equals_dynamic_cache(policy, make_model):
 @pytest.mark.parametrize("bits", [None, 8, 4])
 def test_resident_bytes_are_constant_while_decoding(bits):
     """From the first decode step on, the cache holds the same bytes (preallocated slots, written in place), and
-    exactly the layout's: budget entries of keys and values (codes + scales for bits), positions and scores."""
+    exactly the layout's: budget + 1 entries of keys and values (codes + scales for bits), positions and scores."""
     model = tiny_llama()
     ids, mask = left_padded_prompt()
     cache = FixedSlotEvictionCache(model, group_size=16, bits=bits, **SMALL)
@@ -118,7 +141,7 @@ def test_resident_bytes_are_constant_while_decoding(bits):
             out = model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask, **{key: cache})
             sizes.append(cache_nbytes(cache))
     assert len(set(sizes)) == 1
-    b, h, d, n, ring = 2, 2, 16, 24, 8
+    b, h, d, n, ring = 2, 2, 16, 25, 9
     kv = 2 * b * h * n * d * 4 if bits is None else 2 * b * h * ((n - ring) * (d * bits // 8 + 2 * 4 * d // 16)
                                                                    + ring * d * 4)
     per_layer = kv + b * h * n * (4 + 4) + b * 8 + 8  # + positions int32, scores fp32, n_pad, length
@@ -188,7 +211,7 @@ def test_chunked_prefill_and_registry():
     ids, mask = left_padded_prompt(length=64)
     with FixedSlotEvictionCache(model, policy="snapkv", ratio=0.5, sinks=2, recent=8, window=4) as cache:
         seq, _ = greedy_with_logits(model, cache, ids, mask, 8, prefill_chunk_size=16)
-        assert cache.layers[0].capacity == 32 and cache.layers[0].positions.shape == (2, 2, 32)
+        assert cache.layers[0].capacity == 33 and cache.layers[0].positions.shape == (2, 2, 33)
         assert int(cache.get_seq_length()) == 64 + 7
     with build_cache("fixed_slot", model, policy="snapkv", budget=24, window=4, kernel=3, bits=4,
                      group_size=16) as cache:
@@ -197,7 +220,8 @@ def test_chunked_prefill_and_registry():
 
 
 def test_every_policy_evicts_within_its_budget():
-    """Each supported policy decodes 20 tokens past a 24-token budget: every entry filled, sinks kept in every row
+    """Each supported policy decodes 20 tokens past a 24-token budget: every entry (24 + the incoming token) filled,
+    sinks kept in every row
     (pads excluded), positions distinct."""
     model = tiny_llama()
     ids, mask = left_padded_prompt()
@@ -206,19 +230,20 @@ def test_every_policy_evicts_within_its_budget():
             greedy_with_logits(model, cache, ids, mask, 20)
         for layer in cache.layers:
             pos = layer.positions
-            assert pos.shape == (2, 2, 24) and bool((pos >= layer.n_pad[:, None, None]).all()), policy
+            assert pos.shape == (2, 2, 25) and bool((pos >= layer.n_pad[:, None, None]).all()), policy
             for row, pad in enumerate(layer.n_pad.tolist()):
                 for head in range(2):
                     kept = pos[row, head].tolist()
-                    assert {pad, pad + 1} <= set(kept) and len(set(kept)) == 24, policy
+                    assert {pad, pad + 1} <= set(kept) and len(set(kept)) == 25, policy
 
 
 # ---------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(("kwargs", "match"), [
-    (dict(budget=10, sinks=4, recent=8), "budget=10 must be >= sinks \\+ recent = 12"),
+    (dict(budget=10, sinks=4, recent=8), "budget=10 must be >= max\\(sinks, 1\\) \\+ recent = 12"),
+    (dict(budget=8, sinks=0, recent=8), "budget=8 must be >= max\\(sinks, 1\\) \\+ recent = 9"),
     (dict(budget=24, policy="expected_attention"), "policy='expected_attention' is not supported.*accepted values"),
     (dict(budget=24, bits=2), "bits=2 is not supported.*accepted values: \\[None, 8, 4\\]"),
-    (dict(budget=24, recent=0), "recent=0 must be an integer >= 1"),
+    (dict(budget=24, recent=-1), "recent=-1 must be an integer >= 0"),
     (dict(budget=24, bits=4, group_size=5), "group_size=5 must divide head_dim=16"),
     (dict(budget=24, policy="h2o", kernel=3), "unknown parameter"),
 ])
@@ -275,7 +300,73 @@ def test_same_prompt_eviction_as_eviction_cache():
         model(input_ids=ids, attention_mask=mask, **{key: cache})
         cache.get_mask_sizes(1, 0)  # what generate's first decode step does: move the prompt into the slots
         for layer, ref_layer in zip(cache.layers, ref.layers):
-            assert torch.equal(layer.positions.sort(-1).values, ref_layer.positions)
+            kept = layer.positions.sort(-1).values  # budget tokens and the incoming token's empty entry
+            assert bool((kept[..., 0] == -1).all()) and torch.equal(kept[..., 1:], ref_layer.positions)
+
+
+@pytest.mark.parametrize(("policy", "params"),
+                         [("h2o", {}), ("h2o", {"average": True}), ("tova", {}), ("streaming", {})])
+@pytest.mark.parametrize("recent", [8, 0])
+def test_decoding_keeps_what_eviction_cache_keeps_without_slack(policy, params, recent):
+    """Step for step, the fixed-slot cache is `EvictionCache(slack=0)` at the same budget: after the step of token L
+    it holds EvictionCache's tokens after the step of L - 1, plus L (whose fate EvictionCache decides at the end of
+    its step, the fixed-slot cache at the start of the next), in every row and head; the logits agree. (SnapKV's
+    max-pooling makes exact score ties, which `topk` and `argmin` break differently: see the test below.)"""
+    model = tiny_llama()
+    ids, mask = left_padded_prompt()
+    key = cache_kwarg(model)
+    feed = torch.randint(0, 128, (2, 30), generator=torch.Generator().manual_seed(3))
+    kw = dict(policy=policy, budget=24, sinks=2, recent=recent, slack=0, **params)
+    with EvictionCache(model, **kw) as ref, FixedSlotEvictionCache(model, **kw) as cache:
+        ref_out = model(input_ids=ids, attention_mask=mask, **{key: ref})
+        out = model(input_ids=ids, attention_mask=mask, **{key: cache})
+        previous = None
+        for step in range(feed.shape[1]):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            ref_out = model(input_ids=feed[:, step:step + 1], attention_mask=mask, **{key: ref})
+            out = model(input_ids=feed[:, step:step + 1], attention_mask=mask, **{key: cache})
+            torch.testing.assert_close(out.logits, ref_out.logits, atol=1e-5, rtol=1e-5)
+            length = 40 + step
+            for layer in cache.layers:
+                held = [[sorted(p for p in layer.positions[r, h].tolist() if p >= 0) for h in range(2)]
+                        for r in range(2)]
+                if previous is not None:
+                    expected = [[sorted(previous[layer.layer_idx][r][h] + [length]) for h in range(2)]
+                                for r in range(2)]
+                    assert held == expected, (policy, step, layer.layer_idx)
+            previous = [ref_layer.positions.tolist() for ref_layer in ref.layers]
+    assert min(ref.layers[0].positions[0, 0].tolist()) == 0 and ref.layers[0].physical_length == 24
+
+
+def test_slack_widens_the_ring_within_the_budget():
+    """EvictionCache's slack lets its protected window swing from `recent` to `recent + slack` tokens; the fixed-slot
+    cache protects `recent + slack // 2` within the same budget (budget 24, recent 8, slack 4: 14 slots, a ring of
+    11 entries), so after each step the last 11 positions are all kept (h2o alone drops them: their sums are small)."""
+    model = tiny_llama()
+    ids, mask = left_padded_prompt()
+    with FixedSlotEvictionCache(model, budget=24, sinks=2, recent=8, slack=4) as cache:
+        greedy_with_logits(model, cache, ids, mask, 16)
+    length = 40 + 15
+    for layer in cache.layers:
+        assert (layer.store.slots, layer.window, layer.capacity) == (14, 11, 25)
+        for row in range(2):
+            for head in range(2):
+                kept = set(layer.positions[row, head].tolist())
+                assert set(range(length - 11, length)) <= kept and -1 not in kept
+
+
+def test_the_prompt_moves_its_best_scored_tokens_into_fewer_slots():
+    """When the ring protects more than the prompt's `recent` (slack), the prompt's others may exceed the slots: the
+    lowest-scored are dropped, not the newest."""
+    torch.manual_seed(0)
+    layer = FixedSlotLayer(make_policy("h2o"), EvictionBudget(8, None, 1, 2, 4), 0, SlotKV)  # protects 2 + 4 // 2
+    keys, values = torch.randn(2, 1, 1, 10, 4).unbind(0)
+    layer.update(keys, values)
+    layer.prompt.observe(torch.randn(1, 1, 10, 4), keys)  # 10 <= budget + slack: nothing evicted yet
+    layer.prompt.scores.copy_(torch.tensor([0.0, 5.0, 1.0, 4.0, 3.0, 0.1, 0.2, 2.0, 0.0, 0.0]))
+    layer.start_decoding()  # the prompt keeps 8 (drops 5, 6); 4 slots for 0..4: the sink, 1, 3, 4 (2 scores lowest)
+    assert (layer.store.slots, layer.window) == (4, 5)
+    assert layer.positions[0, 0].tolist() == [0, 1, 3, 4, -1, -1, 7, 8, 9]  # ring entry p % 5; 5, 6 evicted
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,

@@ -2,23 +2,29 @@
 
 The prompt goes through an `EvictionLayer` (the policy's own scoring and top-k, chunked prefill included). At the first
 decode forward (`start_decoding`, on the host, before any compiled step) the kept tokens move into preallocated storage
-(`fixed_slot_store`): `S = budget - window` slots plus a `window`-token full-precision ring. Each decode step then:
+(`fixed_slot_store`): `S = budget - R` slots plus a full-precision ring of `W = R + 1` entries (the `R` protected
+tokens and the incoming one), `R = recent + slack // 2` (`ring_protects`). Each decode step then:
 
 1. takes the token leaving the ring (position L - W) and writes it over the slot its policy ranks lowest, if it ranks
    higher than that slot (H2O's per-step greedy replacement, https://arxiv.org/abs/2306.14048); sinks and ring tokens
    are never replaced, empty and pad slots first;
 2. writes the new token into the ring at `L % W`;
 3. computes attention over the `S + W` entries with its own validity mask (empty slots, left pads); the
-   probabilities, summed over each kv head's query heads, update the policy's scores. Quantized slots with an
-   implementation of the decode seam that returns probabilities (`kernels.probs_impl`: the Triton kernel on CUDA, or
-   one forced with `kernels.prefer`) run it over the packed slots (history) and the ring (residual), the output and
-   the probabilities from one pass, validity from `positions >= n_pad` per entry; otherwise (bf16 slots, the CPU's
-   "auto") the layer's own torch code: matmul, masked softmax, matmul over the dequantized slots.
+   probabilities, summed over each kv head's query heads, update the policy's scores (in position order for policies
+   that pool over neighbours, snapkv). Quantized slots with an implementation of the decode seam that returns
+   probabilities (`kernels.probs_impl`: the Triton kernel on CUDA, or one forced with `kernels.prefer`) run it over
+   the packed slots (history) and the ring (residual), the output and the probabilities from one pass, validity from
+   `positions >= n_pad` per entry; otherwise (bf16 slots, the CPU's "auto") the layer's own torch code: matmul,
+   masked softmax, matmul over the dequantized slots.
+
+With `slack=0` this is `EvictionCache(budget, recent, slack=0)` step for step: between steps `budget` tokens are kept,
+a step attends to them and the incoming token (`budget + 1` entries), and the token that leaves the protected window
+competes with the others on the scores of every step up to the previous one (tested: the same kept positions). With a
+slack, `EvictionCache`'s protected window swings between `recent` and `recent + slack` tokens; this cache protects the
+mean, within the same budget (docs/fixed-slot-eviction.md, "Measured": what that window is worth).
 
 No shape changes, every index is computed on the device, no host sync: `is_compileable`. Keys keep their rotation.
 Scores of attention-free policies (knorm, streaming, random) are fixed per token when it enters the cache.
-Slot order is not position order after the first replacement (attention does not care); SnapKV's max-pooling of the
-decode-step scores therefore pools over slot neighbours, which are position neighbours until slots are replaced.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from .policy import EvictionBudget, EvictionPolicy, ScoreInputs
 SUPPORTED_POLICIES = ("h2o", "tova", "snapkv", "knorm", "streaming", "random")
 SUPPORTED_BITS = (None, 8, 4)
 UNSUPPORTED_KWARGS = ("sliding_window", "s_aux", "position_bias")  # attention variants the step does not compute
+POSITION_ORDERED = ("snapkv",)  # policies whose score mixes neighbouring positions: scored in position order
 
 
 def static_scores(policy: EvictionPolicy, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
@@ -51,13 +58,14 @@ def static_scores(policy: EvictionPolicy, keys: torch.Tensor, values: torch.Tens
 class FixedSlotLayer(CacheLayerMixin):
     """One full-attention layer of `FixedSlotEvictionCache`; see the module docstring.
 
-    State after `start_decoding`: `store` (a `SlotKV` / `QuantizedSlotKV`, `[B, H_kv, S + W, D]` logical entries),
+    State after `start_decoding`: `store` (a `SlotKV` / `QuantizedSlotKV`, `[B, H_kv, S + W, D]` logical entries,
+    `S + W = budget + 1`, `W = ring_protects + 1`),
     `positions` int32 `[B, H_kv, S + W]` (token position of each entry, -1 when empty), `scores` fp32
     `[B, H_kv, S + W]`,
     `n_pad` int64 `[B]` (left pads per row; an entry is valid iff its position >= n_pad), `length` int64 0-dim (L).
 
     Args:
-        policy: the `EvictionPolicy`. spec: an `EvictionBudget` (`recent` is the ring's length W).
+        policy: the `EvictionPolicy`. spec: an `EvictionBudget` (its slack widens the ring, `ring_protects`).
         layer_idx: the model layer. make_store: `(slots, window) -> SlotKV`, the storage kind.
         bf16_kernel: full-precision slots too run the decode seam (the Triton kernel's residual path over all
             entries, CUDA) instead of the torch path; off by default until measured (docs/fixed-slot-eviction.md).
@@ -74,7 +82,7 @@ class FixedSlotLayer(CacheLayerMixin):
         super().__init__()
         self.policy, self.spec, self.layer_idx, self.make_store = policy, spec, layer_idx, make_store
         self.bf16_kernel, self.kernel_impl = bool(bf16_kernel), kernel_impl
-        self.window = spec.recent
+        self.window = spec.recent + 1  # W: the protected recent tokens and the incoming one (set by start_decoding)
         self.prompt = EvictionLayer(policy, spec, layer_idx)  # the prompt's eviction (full precision)
         self.store = self.positions = self.scores = self.n_pad = self.length = None
         self.decoding = False
@@ -94,16 +102,32 @@ class FixedSlotLayer(CacheLayerMixin):
 
     @property
     def capacity(self) -> int | None:
-        """Entries per (row, head), S + W: the resolved budget (None before the prompt)."""
-        return self.prompt.budget if not self.decoding else self.store.slots + self.window
+        """Entries per (row, head), S + W: the resolved budget + 1 (None before the prompt)."""
+        if not self.decoding:
+            return None if self.prompt.budget is None else self.prompt.budget + 1
+        return self.store.slots + self.window
 
     # ------------------------------------------------------------------ prompt -> fixed slots (host, eager)
+    def ring_protects(self, budget: int, slack: int) -> int:
+        """Tokens the ring protects (`W - 1`): `recent + slack // 2`, at most `budget - max(sinks, 1)`.
+
+        `EvictionCache`'s protected window swings between `recent` and `recent + slack` tokens (tokens that leave it
+        stay until the next gather), `recent + slack / 2` on average; this cache cannot swing, so it protects the
+        mean, within the same budget. `slack=0`: exactly `EvictionCache(slack=0)`."""
+        return min(self.spec.recent + slack // 2, budget - max(self.spec.sinks, 1))
+
     def start_decoding(self) -> None:
         """Move the prompt's kept tokens into the fixed slots and ring (once, on the host, before the first step)."""
-        prompt, w = self.prompt, self.window
+        prompt = self.prompt
         budget = prompt.budget
         if prompt.physical_length > budget:
             prompt.evict(budget)
+        protected = self.ring_protects(budget, prompt.slack)
+        slots, w = budget - protected, protected + 1
+        if slots < 1:
+            raise ValueError(f"FixedSlotEvictionCache: the resolved budget={budget} leaves no slot next to "
+                             f"recent={self.spec.recent}; raise ratio or budget, or lower recent")
+        self.window = w
         keys, values = prompt.store.read()  # (B, H, P, D), P <= budget
         b, h, _, d = keys.shape
         length, positions = prompt.length, prompt.positions
@@ -111,20 +135,26 @@ class FixedSlotLayer(CacheLayerMixin):
             scores = prompt.scores
         else:
             scores = static_scores(self.policy, keys, values, positions, length)
-        slots, n = budget - w, budget
-        # destination of each kept token: the last W positions to their ring entry, the others to slots in order.
-        # Older tokens beyond S slots only exist when eviction dropped pads inside the last W positions, i.e. the row
-        # has fewer than W real tokens: then every older token is a pad, and those are dropped (index n, cut below).
+        n = slots + w
+        # destination of each kept token: the last W positions to their ring entry, the S best others (sinks first,
+        # pads last) to slots in position order, the rest dropped (index n, cut below). Others beyond S exist when the
+        # ring protects more than `recent` (slack) or the row has fewer than W real tokens (then they are pads).
         recent = positions >= length - w  # (B, H, P)
-        rank = (~recent).long().cumsum(dim=-1) - 1
-        dest = torch.where(recent, slots + positions.long() % w, torch.where(rank < slots, rank, n))  # (B, H, P)
+        ranked = self.spec.protect(scores, positions, prompt.n_pad[:, None, None], length).masked_fill(recent, -1e30)
+        by_score = torch.empty_like(positions, dtype=torch.long).scatter_(
+            2, ranked.argsort(dim=-1, descending=True, stable=True), torch.arange(
+                positions.shape[-1], device=keys.device).expand_as(positions).contiguous())  # 0 = best
+        kept = ~recent & (by_score < slots)
+        rank = kept.long().cumsum(dim=-1) - 1
+        dest = torch.where(recent, slots + positions.long() % w, torch.where(kept, rank, n))  # (B, H, P)
         dense_pos = torch.full((b, h, n + 1), -1, dtype=torch.int32, device=keys.device)
         dense_pos.scatter_(2, dest, positions)
         dense_scores = torch.zeros((b, h, n + 1), dtype=torch.float32, device=keys.device)
         dense_scores.scatter_(2, dest, scores.float())
         dense_kv = [torch.zeros(b, h, n + 1, d, dtype=t.dtype, device=t.device).scatter_(
             2, dest[..., None].expand(-1, -1, -1, d), t) for t in (keys, values)]
-        if self.store is None or (self.store.slots, self._like) != (slots, (b, h, keys.dtype, keys.device)):
+        if self.store is None or (self.store.slots, self.store.window, self._like) != (
+                slots, w, (b, h, keys.dtype, keys.device)):
             self._like = (b, h, keys.dtype, keys.device)
             self.store = self.make_store(slots, w)
             self.store.allocate(keys)
@@ -239,8 +269,7 @@ class FixedSlotLayer(CacheLayerMixin):
             out, mass = decode_probs(query, self.store.packed(), self.n_pad, scaling, kwargs.get("softcap"),
                                      self.positions, self.policy.uses_attention, self.kernel_impl)
             if self.policy.uses_attention:
-                inputs = ScoreInputs(None, None, self.positions, mass, self.scores, self.length, 1)
-                self.scores.copy_(self.policy.score(inputs))
+                self.scores.copy_(self._score(mass))
             return out.transpose(1, 2).contiguous(), None
         h = key.shape[1]
         g = hq // h
@@ -252,10 +281,22 @@ class FixedSlotLayer(CacheLayerMixin):
         probs = logits.masked_fill(~valid[:, :, None, :], -float("inf")).softmax(dim=-1)
         out = torch.matmul(probs.to(value.dtype), value)  # (B, H, G, D)
         if self.policy.uses_attention:
-            mass = probs.sum(dim=2)  # (B, H, N): summed over the kv head's query heads
-            inputs = ScoreInputs(None, None, self.positions, mass, self.scores, self.length, 1)
-            self.scores.copy_(self.policy.score(inputs))
+            self.scores.copy_(self._score(probs.sum(dim=2)))  # mass (B, H, N): summed over the kv head's query heads
         return out.reshape(b, hq, q, d).transpose(1, 2).contiguous(), None
+
+    def _score(self, mass: torch.Tensor) -> torch.Tensor:
+        """The policy's new scores `[B, H, N]` from this step's attention `mass` `[B, H, N]` fp32. Slot order is not
+        position order after a replacement; a policy that pools over neighbours (`POSITION_ORDERED`) is scored on
+        the entries sorted by position (empty slots first, with no mass) and scattered back, as `EvictionCache`, whose
+        entries stay in position order, scores them."""
+        positions, previous = self.positions, self.scores
+        if self.policy.name not in POSITION_ORDERED:
+            return self.policy.score(ScoreInputs(None, None, positions, mass, previous, self.length, 1))
+        order = positions.argsort(dim=-1)  # (B, H, N) int64
+        sorted_inputs = ScoreInputs(None, None, positions.gather(2, order), mass.gather(2, order),
+                                    previous.gather(2, order), self.length, 1)
+        scored = self.policy.score(sorted_inputs)
+        return torch.empty_like(scored).scatter_(2, order, scored)
 
     def get_seq_length(self):
         """Logical length L: an int during the prompt, a 0-dim device tensor while decoding (no host sync; a copy,

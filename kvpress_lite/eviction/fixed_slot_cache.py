@@ -17,8 +17,9 @@ from .policy import EvictionBudget, make_policy
 
 
 class FixedSlotEvictionCache(CompressedCache):
-    """Evicting KV cache with preallocated slots: full-attention layers keep `budget` tokens per (row, kv head), of
-    which the last `recent` in a full-precision ring; each decode step writes in place (`is_compileable`).
+    """Evicting KV cache with preallocated slots: full-attention layers keep `budget` tokens per (row, kv head) between
+    steps, as `EvictionCache(slack=0)`, of which the last `recent` in a full-precision ring that also holds the
+    incoming token (`budget + 1` entries); each decode step writes in place (`is_compileable`).
 
     Example (CUDA; `generate` compiles the decode step on its own):
         with FixedSlotEvictionCache(model, policy="h2o", ratio=0.25, bits=4) as cache:
@@ -32,10 +33,14 @@ class FixedSlotEvictionCache(CompressedCache):
         model: the `PreTrainedModel` that runs the cache (sdpa or eager attention; the cache attaches to it through
             `kvpress_lite.attention_bridge`; `detach()` or leaving `with` restores it).
         policy: one of "h2o", "tova", "snapkv", "knorm", "streaming", "random".
-        budget / ratio: tokens kept per (row, kv head), ring included, or that fraction of the prompt (exactly one).
-        sinks: first real tokens never evicted. recent: W, the most recent tokens, kept in the full-precision ring
-            (>= 1; as `EvictionCache`'s `recent`, they count in the budget).
-        slack: the prompt's eviction slack (see `EvictionBudget`); decoding has none.
+        budget / ratio: tokens kept per (row, kv head) between steps, ring included, or that fraction of the prompt
+            (exactly one); a step attends to them and the incoming token.
+        sinks: first real tokens never evicted. recent: the most recent tokens, never evicted, kept in the
+            full-precision ring of `recent + 1` entries (as `EvictionCache`'s `recent`, they count in the budget).
+        slack: the prompt's eviction slack (see `EvictionBudget`; None: `min(16, budget // 32)`, as
+            `EvictionCache`). Decoding has none, but as `EvictionCache`'s protected window swings between `recent`
+            and `recent + slack` tokens, the ring protects `recent + slack // 2` (within the budget); `slack=0`:
+            exactly `EvictionCache(slack=0)`.
         bits: None (slots in the model dtype), 8 or 4 (slots as KIVI codes with per-token keys and values).
         group_size: channels per quantization group (divides head_dim).
         bf16_kernel: with `bits=None`, decode steps on CUDA run the Triton kernel over the full-precision slots (its
@@ -46,8 +51,8 @@ class FixedSlotEvictionCache(CompressedCache):
             step everywhere: the sdpa path returns no probabilities), "triton" or "torch" (the fp32 reference through
             the seam; for tests).
         **policy_params: the policy's hyperparameters (`average=` for h2o, `window=`/`kernel=` for snapkv, `seed=`).
-    Storage per full-attention layer: `[batch, kv_heads, budget, head_dim]` keys and values (slots + ring), positions
-    int32 and scores fp32 `[batch, kv_heads, budget]`. Paper: H2O, https://arxiv.org/abs/2306.14048
+    Storage per full-attention layer: `[batch, kv_heads, budget + 1, head_dim]` keys and values (slots + ring),
+    positions int32 and scores fp32 `[batch, kv_heads, budget + 1]`. Paper: H2O, https://arxiv.org/abs/2306.14048
     """
 
     def __init__(self, model, policy: str = "h2o", budget: int | None = None, ratio: float | None = None,
@@ -62,11 +67,12 @@ class FixedSlotEvictionCache(CompressedCache):
         if bits not in SUPPORTED_BITS or isinstance(bits, bool):
             raise ValueError(f"bits={bits!r} is not supported by FixedSlotEvictionCache; accepted values: "
                              f"{list(SUPPORTED_BITS)}")
-        if not isinstance(recent, int) or isinstance(recent, bool) or recent < 1:
-            raise ValueError(f"recent={recent!r} must be an integer >= 1 (tokens in the full-precision ring)")
-        if isinstance(budget, int) and isinstance(sinks, int) and budget < sinks + recent:
-            raise ValueError(f"budget={budget} must be >= sinks + recent = {sinks + recent} (sinks={sinks} first "
-                             f"tokens and the recent={recent} tokens of the ring are never evicted)")
+        if not isinstance(recent, int) or isinstance(recent, bool) or recent < 0:
+            raise ValueError(f"recent={recent!r} must be an integer >= 0 (protected tokens in the full-precision ring)")
+        if isinstance(budget, int) and isinstance(sinks, int) and budget < max(sinks, 1) + recent:
+            raise ValueError(f"budget={budget} must be >= max(sinks, 1) + recent = {max(sinks, 1) + recent} "
+                             f"(sinks={sinks} first tokens and the recent={recent} tokens of the ring are never "
+                             "evicted, and at least one slot takes the others)")
         self.policy = make_policy(policy, **policy_params)
         check_impl(kernel_impl, "kernel_impl")
         self.bf16_kernel, self.kernel_impl = bool(bf16_kernel), kernel_impl
