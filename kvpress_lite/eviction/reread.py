@@ -83,7 +83,7 @@ def layer_budgets(layers: list[EvictionLayer], scores: list[torch.Tensor]) -> li
 
 @torch.no_grad()
 def reread(model, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, chunk_size: int,
-           layerwise: bool = True) -> None:
+           layerwise: bool = False) -> None:
     """Score every `EvictionLayer` of `cache` by the largest attention from a chunked re-read of `input_ids`
     `[B, L]` (the prompt, left-padded per `attention_mask` `[B, L]`), then evict each to its budget (`layerwise`), or
     to budgets set by one ranking across layers (`layer_budgets`; same total, kept for the rest of generation)."""
@@ -115,7 +115,7 @@ class RereadHook:
     """Forward pre-hook: records the prompt's forwards, and before the first one-token forward after them runs
     `reread` (with the hook disarmed, so the nested forward passes through). `remove()` detaches it (idempotent)."""
 
-    def __init__(self, model, cache, chunk_size: int, layerwise: bool = True):
+    def __init__(self, model, cache, chunk_size: int, layerwise: bool = False):
         self._cache = weakref.ref(cache)  # the hook must not keep the cache alive
         self._model = weakref.ref(model)
         self.chunk_size, self.layerwise = chunk_size, layerwise
