@@ -1,6 +1,10 @@
+# ruff: noqa  (one-off diagnosis probes, kept as run for docs/eviction-leaderboard.md)
 # KVzip re-read scores per 256-token bin and top-scored tokens per full layer (issue 19).
 #   OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/retrieval_probes/bins.py "[{}]"
-import sys, torch
+import sys
+
+import torch
+
 torch.set_num_threads(1)
 from eval import zoo
 from eval.config import load_recipe
@@ -10,6 +14,7 @@ from eval.tasks import Prompter
 from kvpress_lite import build_cache
 from kvpress_lite._compat import cache_kwarg
 from kvpress_lite.eviction import EvictionLayer
+
 recipe = load_recipe("recipes/leaderboard.yaml", ["perplexity=null", "tasks.niah_multikey.lengths=[2048]"])
 runs = {r.cache.label: r for r in plan(recipe) if r.cell == "niah_multikey-2048"}
 first = runs["kvzip-ratio0.5"]

@@ -1,17 +1,20 @@
+# ruff: noqa  (one-off diagnosis probes, kept as run for docs/eviction-leaderboard.md)
 # KVzip re-read sanity check (issue 19): top-1 copy accuracy of the re-read, with and without the paper's
 # "Repeat the previous context exactly." prefix, and the share of attention mass on the context per full layer.
 #   OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/retrieval_probes/copyprobe.py
-import sys, torch
+import torch
+
 torch.set_num_threads(1)
 from eval import zoo
 from eval.config import load_recipe
-from eval.diagnose import token_span
 from eval.execute import make_sample
 from eval.runs import plan
 from eval.tasks import Prompter
 from kvpress_lite import build_cache
-from kvpress_lite._compat import cache_kwarg, Cache, scratch_copy
-from kvpress_lite.eviction import EvictionLayer, reread as R, observe
+from kvpress_lite._compat import Cache, cache_kwarg, scratch_copy
+from kvpress_lite.eviction import EvictionLayer, observe
+from kvpress_lite.eviction import reread as R
+
 recipe = load_recipe("recipes/leaderboard.yaml", ["perplexity=null", "tasks.niah_multikey.lengths=[2048]"])
 runs = {r.cache.label: r for r in plan(recipe) if r.cell == "niah_multikey-2048"}
 first = runs["kvzip-ratio0.5"]

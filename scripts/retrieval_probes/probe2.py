@@ -1,7 +1,11 @@
+# ruff: noqa  (one-off diagnosis probes, kept as run for docs/eviction-leaderboard.md)
 # Probe used for docs/eviction-leaderboard.md "Retrieval at ratio 0.5" (issue 19): per full layer, share of the asked
 # value / needle / question / first 64 tokens kept after generate. Usage:
 #   OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/retrieval_probes/probe2.py "[(\"snapkv\", dict(ratio=0.5, kernel=15))]" 2 6 7
-import sys, torch, json
+import sys
+
+import torch
+
 torch.set_num_threads(1)
 from eval import zoo
 from eval.config import load_recipe
@@ -12,6 +16,7 @@ from eval.tasks import Prompter
 from kvpress_lite import build_cache
 from kvpress_lite._compat import cache_kwarg
 from kvpress_lite.eviction import EvictionLayer
+
 recipe = load_recipe("recipes/leaderboard.yaml", ["perplexity=null", "tasks.niah_multikey.lengths=[2048]"])
 runs = {r.cache.label: r for r in plan(recipe) if r.cell == "niah_multikey-2048"}
 first = runs["kvzip-ratio0.5"]
