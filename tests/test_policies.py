@@ -178,7 +178,8 @@ def test_kvzip_keeps_the_whole_prompt_until_the_reread_then_evicts_its_top_score
     model = tiny_llama("sdpa")
     ids, mask = left_padded(length=30, pad=4)
     seen = []
-    with EvictionCache(model, policy="kvzip", budget=10, sinks=1, recent=2, slack=0, chunk_size=8) as cache:
+    with EvictionCache(model, policy="kvzip", budget=10, sinks=1, recent=2, slack=0, chunk_size=8,
+                       layerwise=True) as cache:
         hook = model.register_forward_hook(lambda *_: seen.append(cache.layers[0].physical_length))
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False,
                              pad_token_id=0, **{cache_kwarg(model): cache})
@@ -191,9 +192,31 @@ def test_kvzip_keeps_the_whole_prompt_until_the_reread_then_evicts_its_top_score
     assert not model._forward_pre_hooks
 
 
+def test_kvzip_layerwise_false_ranks_all_layers_together():
+    """One ranking across layers (KVzip's non-uniform budgets): the same total, the slots going to the layer whose
+    scores are higher; each layer then keeps exactly its budget of its top scores, for the rest of generation."""
+    from kvpress_lite.eviction.reread import layer_budgets
+
+    model = tiny_llama("sdpa")
+    ids = prompt(length=40, batch=1)
+    with EvictionCache(model, policy="kvzip", budget=12, sinks=1, recent=2, slack=0, layerwise=False) as cache:
+        model(input_ids=ids, **{cache_kwarg(model): cache})
+        (_, first), (_, second) = full_layers(cache)
+        high, low = torch.rand(1, 2, 40) + 1.0, torch.rand(1, 2, 40) * 0.1  # layer 0's scores all above layer 1's
+        assert layer_budgets([first, second], [high, low]) == [21, 3]  # 24 slots: layer 1 keeps only sinks + recent
+        assert layer_budgets([first, second], [low, high]) == [3, 21]
+        out = model.generate(input_ids=ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
+                             **{cache_kwarg(model): cache})
+        budgets = [first.budget, second.budget]
+        assert out.shape == (1, 44) and sum(budgets) <= 24 and budgets != [12, 12]
+        assert [first.physical_length, second.physical_length] == budgets
+
+
 def test_kvzip_bad_input_and_adaptive_refusal():
     with pytest.raises(ValueError, match="chunk_size=0"):
         make_policy("kvzip", chunk_size=0)
+    with pytest.raises(ValueError, match="layerwise=1"):
+        make_policy("kvzip", layerwise=1)
     with pytest.raises(ValueError, match=r"adaptive=True does not support policy='kvzip'"):
         EvictionCache(tiny_llama(), policy="kvzip", budget=32, adaptive=True)
 
@@ -208,7 +231,9 @@ def test_leading_policies_run_quantized_and_batched(policy):
                              pad_token_id=0, return_dict_in_generate=True, output_logits=True,
                              **{cache_kwarg(model): cache})
         assert torch.isfinite(torch.stack(out.logits)).all()
-        assert all(layer.physical_length <= 12 for _, layer in full_layers(cache))
+        lengths = [layer.physical_length for _, layer in full_layers(cache)]
+        assert sum(lengths) <= 12 * len(lengths)  # kvzip: one ranking across layers, the same total
+        assert max(lengths) <= 12 or policy == "kvzip"
         assert all(layer.store.quantized_length > 0 for _, layer in full_layers(cache))
 
 

@@ -89,7 +89,7 @@ class EvictionCache(CompressedCache):
         self._detach = weakref.finalize(self, self.attachment.detach)  # backstop: detach() / `with` is the scope
         self._reread = None
         if self.policy.rereads:  # KVzip: re-read the prompt before the first decoding forward (eviction/reread.py)
-            hook = RereadHook(model, self, self.policy.chunk_size)
+            hook = RereadHook(model, self, self.policy.chunk_size, self.policy.layerwise)
             self._reread = weakref.finalize(self, hook.remove)
         if self.storage.quantized and self.storage.key_mode == "token" and fused_path.wants_bridge(fused, model):
             for layer in self.layers:

@@ -33,9 +33,16 @@ class KVzipPolicy(EvictionPolicy):
 
     Args:
         chunk_size: re-read tokens per forward (paper: 2k for 8B models; bounds the `[q, L]` score transient).
+        layerwise: False (default, the paper's non-uniform budgets): one ranking of all layers' (and KV heads')
+            re-read scores for the same total (`reread.layer_budgets`), so a layer whose re-read attention is diffuse
+            (low maxima) gives its slots to layers whose copy attention is sharp; the budgets set at the re-read hold
+            for the rest of generation. True: every layer keeps its own budget (ratio x prompt) of its top scores
+            (this policy's only behaviour before; on Gemma-3-270M it loses the needle at ratio 0.5, see
+            docs/eviction-leaderboard.md).
     """
 
     chunk_size: int = 512
+    layerwise: bool = False
 
     uses_attention = True
     attention_window = 1  # the prompt's scores come from the re-read; decoding forwards have one query
@@ -45,6 +52,8 @@ class KVzipPolicy(EvictionPolicy):
     def __post_init__(self):
         if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1:
             raise ValueError(f"chunk_size={self.chunk_size!r} must be an integer >= 1 (re-read tokens per forward)")
+        if not isinstance(self.layerwise, bool):
+            raise ValueError(f"layerwise={self.layerwise!r} must be True (a budget per layer) or False (one ranking)")
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         """`[batch, kv_heads, seq]`: the largest attention each slot has received (`max(previous, attention)`)."""

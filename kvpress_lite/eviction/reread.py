@@ -60,10 +60,33 @@ class _ReaderLayer(CacheLayerMixin):
         return -1
 
 
+def layer_budgets(layers: list[EvictionLayer], scores: list[torch.Tensor]) -> list[int]:
+    """Budgets from one ranking across layers (KVzip's non-uniform ratio): the layers' summed budgets, in slots per
+    row and KV head, go to the top `scores` `[B, H_kv, P_i]` of all layers and heads pooled per row (sinks and recent
+    tokens protected, pads last). Layer i's budget is its share of that top-k, per KV head, averaged over rows and
+    rounded down, at least its protected tokens and `sinks + recent`: the total never exceeds the uniform one's by more
+    than those floors."""
+    protected = [layer.protected_scores(s) for layer, s in zip(layers, scores)]
+    heads = [p.shape[1] for p in protected]
+    total = sum(layer.budget * h for layer, h in zip(layers, heads))
+    pooled = torch.cat([p.flatten(1) for p in protected], dim=1)  # (B, sum_i H_i P_i)
+    top = pooled.topk(min(total, pooled.shape[1]), dim=1).indices
+    owner = torch.cat([torch.full((p[0].numel(),), i, device=pooled.device) for i, p in enumerate(protected)])
+    counts = torch.bincount(owner[top].flatten(), minlength=len(layers)).float() / pooled.shape[0]
+    budgets = []
+    for i, layer in enumerate(layers):
+        floor = max(int(torch.isinf(protected[i]).logical_and(protected[i] > 0).sum(-1).max()),
+                    layer.spec.sinks + layer.spec.recent, 1)
+        budgets.append(max(int(counts[i].item() // heads[i]), floor))
+    return budgets
+
+
 @torch.no_grad()
-def reread(model, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, chunk_size: int) -> None:
+def reread(model, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, chunk_size: int,
+           layerwise: bool = False) -> None:
     """Score every `EvictionLayer` of `cache` by the largest attention from a chunked re-read of `input_ids`
-    `[B, L]` (the prompt, left-padded per `attention_mask` `[B, L]`), then evict each to its budget."""
+    `[B, L]` (the prompt, left-padded per `attention_mask` `[B, L]`), then evict each to its budget (`layerwise`), or
+    to budgets set by one ranking across layers (`layer_budgets`; same total, kept for the rest of generation)."""
     B, L = input_ids.shape
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
     n_real = mask.sum(dim=1, keepdim=True)  # (B, 1): the re-read continues each row's positions
@@ -76,21 +99,26 @@ def reread(model, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         position_ids = (n_real + (chunk_mask.cumsum(1) - 1).clamp(min=0)).long()
         model(input_ids=input_ids[:, start:stop], attention_mask=torch.cat([mask, chunk_mask], dim=1),
               position_ids=position_ids, use_cache=True, **{cache_kwarg(model): reader})
-    for i, layer in enumerate(cache.layers):
-        if i in readers:
-            layer.scores = readers[i].scores
-            if layer.physical_length > layer.budget + layer.slack:
-                layer.evict(layer.budget)
+    for i, reader in readers.items():
+        cache.layers[i].scores = reader.scores
+    if not layerwise and readers:
+        layers = [cache.layers[i] for i in readers]
+        for layer, budget in zip(layers, layer_budgets(layers, [layer.scores for layer in layers])):
+            layer.budget = budget
+    for i in readers:
+        layer = cache.layers[i]
+        if layer.physical_length > layer.budget + layer.slack:
+            layer.evict(layer.budget)
 
 
 class RereadHook:
     """Forward pre-hook: records the prompt's forwards, and before the first one-token forward after them runs
     `reread` (with the hook disarmed, so the nested forward passes through). `remove()` detaches it (idempotent)."""
 
-    def __init__(self, model, cache, chunk_size: int):
+    def __init__(self, model, cache, chunk_size: int, layerwise: bool = False):
         self._cache = weakref.ref(cache)  # the hook must not keep the cache alive
         self._model = weakref.ref(model)
-        self.chunk_size = chunk_size
+        self.chunk_size, self.layerwise = chunk_size, layerwise
         self._ids, self._mask, self._busy = [], None, False
         self._handle = model.register_forward_pre_hook(self, with_kwargs=True)
 
@@ -114,7 +142,7 @@ class RereadHook:
         mask = None if self._mask is None else self._mask[:, : prompt.shape[1]]
         self._busy = True
         try:
-            reread(module, cache, prompt, mask, self.chunk_size)
+            reread(module, cache, prompt, mask, self.chunk_size, self.layerwise)
         finally:
             self._busy, self._ids = False, []
         return None
