@@ -205,8 +205,10 @@ def test_kvzip_layerwise_false_ranks_all_layers_together():
         high, low = torch.rand(1, 2, 40) + 1.0, torch.rand(1, 2, 40) * 0.1  # layer 0's scores all above layer 1's
         assert layer_budgets([first, second], [high, low]) == [21, 3]  # 24 slots: layer 1 keeps only sinks + recent
         assert layer_budgets([first, second], [low, high]) == [3, 21]
+    with EvictionCache(model, policy="kvzip", budget=12, sinks=1, recent=2, slack=0, layerwise=False) as cache:
         out = model.generate(input_ids=ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
                              **{cache_kwarg(model): cache})
+        (_, first), (_, second) = full_layers(cache)
         budgets = [first.budget, second.budget]
         assert out.shape == (1, 44) and sum(budgets) <= 24 and budgets != [12, 12]
         assert [first.physical_length, second.physical_length] == budgets
