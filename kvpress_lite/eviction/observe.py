@@ -38,14 +38,11 @@ def attend(layer, base, module, query, key, value, attention_mask, **kwargs):
     return output, weights
 
 
-ONE_PASS_KWARGS = ("dropout", "sliding_window", "s_aux", "position_bias")  # attention variants one_pass refuses
-
-
 def one_pass(query: torch.Tensor, kwargs: dict) -> bool:
     """True if this forward's attention can be `decode_attention`: one query token (a decode step; a prompt's
     `[q, P]` probabilities would not fit), plain softmax attention (scaling, softcap) and no variant it does not
     compute (dropout, sliding window, attention sinks, position bias)."""
-    return query.shape[-2] == 1 and not any(kwargs.get(k) for k in ONE_PASS_KWARGS)
+    return query.shape[-2] == 1 and fused_path.plain_kwargs(kwargs)
 
 
 def decode_attention(query, key, value, attention_mask=None, scaling=None, softcap=None):

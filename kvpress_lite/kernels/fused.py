@@ -60,13 +60,19 @@ def plain_kwargs(kwargs) -> bool:
             and kwargs.get("position_bias") is None and not kwargs.get("dropout"))
 
 
+def _decode_start(store, query: torch.Tensor, attention_mask, kwargs: dict):
+    """(True, `kv_start`) if the kernel computes what this forward's mask and kwargs ask for (plain softmax attention,
+    left padding only), else (False, None)."""
+    if not plain_kwargs(kwargs):
+        return False, None
+    return kv_start_from_mask(attention_mask, query.shape[-2], store.length)
+
+
 def attend(store, query: torch.Tensor, attention_mask, kwargs: dict, kernel_impl: str = "auto"):
     """`[B, q, H_q, D]` attention of `query` `[B, H_q, q, D]` over `store.packed()` (this forward's keys already
     appended), in transformers' attention-output layout; None if the kernel cannot compute what the mask/kwargs ask
     for (the caller then runs the base attention)."""
-    if not plain_kwargs(kwargs):
-        return None
-    ok, kv_start = kv_start_from_mask(attention_mask, query.shape[-2], store.length)
+    ok, kv_start = _decode_start(store, query, attention_mask, kwargs)
     if not ok:
         return None
     out = decode(query, store.packed(), kv_start, kwargs.get("scaling"), kwargs.get("softcap"), kernel_impl)
@@ -88,9 +94,7 @@ def attend_probs(store, query: torch.Tensor, attention_mask, kwargs: dict, kerne
     """`attend` plus each slot's probability: (`[B, q, H_q, D]` output, fp32 `[B, H_kv, P]` attention mass summed
     over each KV head's query heads, P = `store.length`, history then residual: the slot order), or None where the
     kernel cannot compute what the mask/kwargs ask for."""
-    if not plain_kwargs(kwargs):
-        return None
-    ok, kv_start = kv_start_from_mask(attention_mask, query.shape[-2], store.length)
+    ok, kv_start = _decode_start(store, query, attention_mask, kwargs)
     if not ok:
         return None
     out, mass = decode_probs(query, store.packed(), kv_start, kwargs.get("scaling"), kwargs.get("softcap"),
