@@ -181,6 +181,9 @@ def main() -> None:
     parser.add_argument("--kernel-rows", action="store_true",
                         help="per grid point also: int4 through the torch step, int8, bf16 through the kernel "
                              "(where the step's attention runs; after the default fixed-slot rows)")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="after each grid row, profile this many decode steps of one more generate (kernels "
+                             "launched, GPU time, CUDA-graph launches per step, top kernels)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -202,9 +205,12 @@ def main() -> None:
 
     def run(ids, label, as_label=None) -> dict:
         row = measure_generate(model, ids, label, new_tokens=args.tokens + 4, weights=weights,
-                               compile_config=compile_config)
+                               compile_config=compile_config, profile_steps=0 if as_label else args.profile_steps)
         row["cache"] = as_label or label
+        table = row.get("profile", {}).pop("table", "")
         print(json.dumps(row), flush=True)
+        if table:
+            print(table, flush=True)
         return row
 
     rows, flat_rows, cap_rows = [], [], []

@@ -27,7 +27,8 @@ import sys
 import time
 
 import torch
-from transformers import DynamicCache, LogitsProcessorList, StaticCache
+from torch.profiler import ProfilerActivity, profile
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StaticCache
 
 from kvpress_lite import QuantizedKVCache, StaticQuantizedKVCache, cache_kwarg, cache_nbytes
 
@@ -86,8 +87,41 @@ def _release(cache) -> None:
         cache.detach()
 
 
-def measure_generate(model, ids, label, new_tokens=64, warm_tokens=8, skip=4, weights=0, compile_config=None):
-    """One row: the warm-up of the module docstring (timed as `warmup_s`), then `new_tokens` measured steps."""
+class ProfileWindow(LogitsProcessor):
+    """Runs `torch.profiler` over decode steps `start` to `start + steps` of one `generate` (a logits processor is
+    called once per forward, so the window holds exactly `steps` whole steps and no prefill)."""
+
+    def __init__(self, start: int, steps: int, device: torch.device):
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        self.profiler = profile(activities=activities)
+        self.start, self.steps, self.calls, self.device = start, steps, 0, device
+
+    def __call__(self, input_ids, scores):
+        if self.calls in (self.start, self.start + self.steps):
+            _sync(self.device)
+            (self.profiler.start if self.calls == self.start else self.profiler.stop)()
+        self.calls += 1
+        return scores
+
+    def summary(self, top: int = 12) -> dict:
+        """Per step: device kernels launched (a CUDA-graph replay counts its kernels; on a CPU, top-level aten ops),
+        their device time, CUDA-graph launches, and the top ops by device (CPU: host) time as a table."""
+        events, n = self.profiler.events(), self.steps
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        ops = kernels or [e for e in events if e.name.startswith("aten::") and e.cpu_parent is None]
+        table = self.profiler.key_averages().table(
+            sort_by="self_device_time_total" if kernels else "self_cpu_time_total", row_limit=top,
+            max_name_column_width=60)
+        return dict(launches_per_step=len(ops) / n, kernel_ms_per_step=sum(e.device_time for e in kernels) / 1000 / n,
+                    graph_launches_per_step=sum(1 for e in events if e.name == "cudaGraphLaunch") / n, table=table)
+
+
+def measure_generate(model, ids, label, new_tokens=64, warm_tokens=8, skip=4, weights=0, compile_config=None,
+                     profile_steps=0):
+    """One row: the warm-up of the module docstring (timed as `warmup_s`), then `new_tokens` measured steps; with
+    `profile_steps`, then one more `generate` whose decode steps 4 to 4 + `profile_steps` run under the profiler
+    (the same cache after `reset()` when compiled, so the recorded graphs; a fresh one otherwise): the row's
+    `profile` (`ProfileWindow.summary`)."""
     factory, compiled = GENERATE_CACHES[label.removesuffix(AGAIN)]
     batch, length = ids.shape
     row = dict(cache=label, length=length, batch=batch, compiled=compiled)
@@ -122,6 +156,16 @@ def measure_generate(model, ids, label, new_tokens=64, warm_tokens=8, skip=4, we
                    kv_gib=cache_nbytes(cache) / 2**30, fused=bool(getattr(cache, "fused", False)))
         if device.type == "cuda":
             row["peak_gib"] = (torch.cuda.max_memory_allocated() - weights) / 2**30
+        if profile_steps:
+            if compiled:
+                cache.reset()
+            else:
+                _release(cache)
+                cache = None
+                cache = factory(model, length + new_tokens)
+            window = ProfileWindow(4, profile_steps, device)
+            _generate(model, ids, cache, profile_steps + 6, compiled, window, compile_config=compile_config)
+            row["profile"] = window.summary()
     except Exception as err:  # report and go on: one failing cache must not cost the lease
         row["error"] = repr(err)[:300]
     finally:
