@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .._compat import CacheLayerMixin
 from ..attention_bridge import BridgedLayerMixin
@@ -91,11 +92,14 @@ class EvictionLayer(BridgedLayerMixin, BatchStateMixin, CacheLayerMixin):
             # A prompt fed in several forwards (generate(prefill_chunk_size=...)) gets the same final budget as one
             # forward: ratio x (tokens so far), evicting chunk by chunk, so prefill memory stays bounded too.
             self.budget, self.slack = self.spec.resolve(self.length + q)
-        new_positions = torch.arange(self.length, self.length + q, dtype=torch.int32, device=self.device)
         self.store.append(key_states, value_states)
-        self.positions = torch.cat([self.positions, new_positions.expand(B, H, q)], dim=-1)
+        if q == 1:  # a decode step: one kernel each (no arange, no zeros, no cat)
+            self.positions = F.pad(self.positions, (0, 1), value=self.length)
+        else:
+            new_positions = torch.arange(self.length, self.length + q, dtype=torch.int32, device=self.device)
+            self.positions = torch.cat([self.positions, new_positions.expand(B, H, q)], dim=-1)
         if self.scores is not None:
-            self.scores = torch.cat([self.scores, self.scores.new_zeros(B, H, q)], dim=-1)
+            self.scores = F.pad(self.scores, (0, q))  # the new slots score 0 until observed
         self.length += q
         self._fused = observe.fuses(self, q)  # attention runs the kernel over the packed store: no dequantized copy
         self._read = None if self._fused else self.store.read()

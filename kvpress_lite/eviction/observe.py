@@ -58,16 +58,36 @@ def decode_attention(query, key, value, attention_mask=None, scaling=None, softc
     B, Hq, q, D = query.shape
     Hkv, P = key.shape[1], key.shape[2]
     scaling = D**-0.5 if scaling is None else scaling
-    logits = torch.matmul(query.reshape(B, Hkv, (Hq // Hkv) * q, D), key.transpose(-1, -2)).float() * scaling
-    logits = logits.view(B, Hq, q, P)
-    if softcap is not None:
+    grouped = query.reshape(B * Hkv, (Hq // Hkv) * q, D)  # query head h reads kv head h // G
+    if softcap is None:  # the scale in the product's epilogue (beta=0: `logits` is only read for its shape)
+        logits = torch.baddbmm(_zeros_like_product(grouped, P), grouped, key.reshape(B * Hkv, P, D).transpose(1, 2),
+                               beta=0, alpha=scaling)
+    else:
+        logits = torch.bmm(grouped, key.reshape(B * Hkv, P, D).transpose(1, 2)).float() * scaling
         logits = softcap * torch.tanh(logits / softcap)
+    logits = logits.view(B, Hq, q, P)
     if attention_mask is not None:
         mask = attention_mask[..., :P]
-        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
-    probs = logits.softmax(dim=-1)
+        if mask.dtype == torch.bool:
+            logits = torch.where(mask, logits, float("-inf"))
+        else:
+            logits = logits + mask
+    probs = logits.softmax(dim=-1, dtype=torch.float32)  # fp32 whatever the logits' dtype (one kernel)
     out = torch.matmul(probs.to(value.dtype).view(B, Hkv, (Hq // Hkv) * q, P), value)  # (B, Hkv, G q, D)
     return out.view(B, Hq, q, D).transpose(1, 2).contiguous(), probs
+
+
+def _zeros_like_product(grouped: torch.Tensor, P: int) -> torch.Tensor:
+    """A `[B * H_kv, G q, P]` operand that `baddbmm(beta=0)` ignores: a broadcast 0-dim tensor (no allocation, no
+    kernel; cached per device and dtype)."""
+    key = (grouped.device, grouped.dtype)
+    zero = _ZEROS.get(key)
+    if zero is None:
+        zero = _ZEROS[key] = torch.zeros((), device=grouped.device, dtype=grouped.dtype)
+    return zero.expand(grouped.shape[0], grouped.shape[1], P)
+
+
+_ZEROS: dict = {}
 
 
 def fuses(layer, q: int) -> bool:
