@@ -64,19 +64,21 @@ def fixed_slot(policy: str, bits, ratio=None, budget=None, **options):
 
 # `--kernel-rows`: the decode step's attention computed elsewhere (docs/fixed-slot-eviction.md): int4 through the
 # torch step (kernel_impl="sdpa") against the default int4 row (the Triton kernel on CUDA), int8 (kernel), and bf16
-# slots through the kernel's residual path (bf16_kernel=True) against the default bf16 row (the torch step)
+# slots through the kernel's residual path (bf16_kernel=True) against the default bf16 row (the torch step), and int4
+# in groups of 64 channels (D / G = 2 at head_dim 128: kernel v3 instead of the generic v2 that groups of 32 take)
 KERNEL_ROWS = {"int4 torch-step": (4, {"kernel_impl": "sdpa"}), "int8": (8, {}),
-               "bf16 kernel": (None, {"bf16_kernel": True})}
+               "bf16 kernel": (None, {"bf16_kernel": True}), "int4 G64": (4, {"group_size": 64})}
 
 
-def add_caches(policy: str, ratio: float, budget: int, kernel_rows: bool = False) -> dict[str, list[str]]:
-    """Register the fixed-slot rows in `GENERATE_CACHES`; returns the labels of the grid and of the flatness rows."""
+def add_caches(policy: str, ratio: float, budget: int, kernel_rows=()) -> dict[str, list[str]]:
+    """Register the fixed-slot rows in `GENERATE_CACHES` (and the `KERNEL_ROWS` named in `kernel_rows`); returns the
+    labels of the grid, the flatness and the kernel rows."""
     labels = {"grid": [], "flat": []}
-    if kernel_rows:
-        for name, (bits, options) in KERNEL_ROWS.items():
-            label = f"fixed-slot {policy} {ratio} {name} compiled"
-            GENERATE_CACHES[label] = fixed_slot(policy, bits, ratio=ratio, **options)
-            labels.setdefault("kernel", []).append(label)
+    for name in kernel_rows:
+        bits, options = KERNEL_ROWS[name]
+        label = f"fixed-slot {policy} {ratio} {name} compiled"
+        GENERATE_CACHES[label] = fixed_slot(policy, bits, ratio=ratio, **options)
+        labels.setdefault("kernel", []).append(label)
     for bits, name in ((None, "bf16"), (4, "int4")):
         grid, flat = f"fixed-slot {policy} {ratio} {name} compiled", f"fixed-slot {policy} {budget} {name} compiled"
         GENERATE_CACHES[grid] = fixed_slot(policy, bits, ratio=ratio)
@@ -178,9 +180,9 @@ def main() -> None:
     parser.add_argument("--also", nargs="*", default=[], choices=sorted(GENERATE_CACHES),
                         help="more generate rows per grid point, after StaticCache compiled (e.g. 'ours int4 static "
                              "compiled': the quantized and eviction caches side by side in one run)")
-    parser.add_argument("--kernel-rows", action="store_true",
-                        help="per grid point also: int4 through the torch step, int8, bf16 through the kernel "
-                             "(where the step's attention runs; after the default fixed-slot rows)")
+    parser.add_argument("--kernel-rows", nargs="*", default=None, choices=list(KERNEL_ROWS), metavar="ROW",
+                        help="per grid point also these fixed-slot rows (none named: all of "
+                             f"{list(KERNEL_ROWS)}): where the step's attention runs; after the default rows")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="after each grid row, profile this many decode steps of one more generate (kernels "
                              "launched, GPU time, CUDA-graph launches per step, top kernels)")
@@ -189,7 +191,8 @@ def main() -> None:
 
     torch._dynamo.config.cache_size_limit = 64
     model = build_model(args.layers, args.device, args.small)
-    labels = add_caches(args.policy, args.ratio, args.flat_budget, args.kernel_rows)
+    kernel_rows = list(KERNEL_ROWS) if args.kernel_rows == [] else (args.kernel_rows or [])
+    labels = add_caches(args.policy, args.ratio, args.flat_budget, kernel_rows)
     labels["grid"] += add_uncompiled(args.uncompiled, args.ratio)
     weights = torch.cuda.memory_allocated() if args.device == "cuda" else 0
     compile_config = None
