@@ -15,6 +15,10 @@
 #   probs     issue 18 item 2: the kernel with / without probabilities at the fixed-slot storage (per-token keys,
 #             G 32, ring 16) and at 32k x 8 (channel keys, G 64), against the fixed-slot torch path (eager, compiled);
 #             its CUDA tests are in `tests` (tests/test_decode_probs.py -k cuda)              (not timed yet)
+#   eviction  issue 18's eviction rows with profiles (docs/fixed-slot-eviction.md): SHAPES (default 8192x8) through
+#             benchmarks/eviction_decode.py --uncompiled h2o snapkv --profile-steps 3, with dynamo's graph breaks and
+#             inductor's CUDA-graph decisions logged (TORCH_LOGS=graph_breaks,perf_hints): why the int4 fixed-slot
+#             step ran as 4 graphs per layer                                   (8k x 8 ~6 min; 32k x 4 ~9 min alone)
 # transformers' quanto cache (the "QuantizedCache quanto int4" rows of `decode`) needs optimum-quanto, which the GPU image
 # lacks: carry its wheel (device README, ".whl") or that row reports an import error and the others run.
 set -euo pipefail
@@ -24,7 +28,7 @@ out=${OUT:-gpu-out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-step=${1:?usage: gpu_session.sh tests|kernel|generate|decode|peak|capacity|probs}
+step=${1:?usage: gpu_session.sh tests|kernel|generate|decode|peak|capacity|probs|eviction}
 case $step in
   tests)
     python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_static_cache.py \
@@ -53,5 +57,12 @@ case $step in
       | tee "$out/probs_fixed_slot.log"
     python benchmarks/kernel_bench.py --probs --shapes 8x32768 --json "$out/probs_32k.json" 2>&1 \
       | tee "$out/probs_32k.log" ;;
+  eviction)
+    shapes=("${@:2}")
+    [ ${#shapes[@]} -gt 0 ] || shapes=(8192x8)
+    tag=$(IFS=_; echo "${shapes[*]}")
+    TORCH_LOGS=graph_breaks,perf_hints python benchmarks/eviction_decode.py --grid "${shapes[@]}" \
+      --uncompiled h2o snapkv --flat-lengths --capacity-length 0 --profile-steps 3 --json "$out/eviction_$tag.json" \
+      2>&1 | tee "$out/eviction_$tag.log" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
