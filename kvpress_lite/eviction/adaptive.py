@@ -11,6 +11,7 @@ from .._compat import CacheLayerMixin, attention_base_of
 from ..layer_state import BatchStateMixin
 from ..storage import StorageSpec
 from . import observe
+from .layer import begin_update
 from .policy import EvictionBudget, EvictionPolicy, ScoreInputs
 
 
@@ -103,21 +104,8 @@ class AdaptiveEvictionLayer(BatchStateMixin, CacheLayerMixin):
     # ------------------------------------------------------------------ cache contract
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append `[B, H_kv, q, D]` states to the pool; return them (attention runs in `attend`, over the pool)."""
-        if self._pending:
-            raise RuntimeError(
-                f"AdaptiveEvictionLayer {self.layer_idx}: the previous forward's attention did not run through the "
-                "cache (the cache was detached or runs with another model); build the EvictionCache with the model "
-                "that runs it."
-            )
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+        begin_update(self, self.budget_spec, key_states, value_states, self.layer_share)  # PyramidKV: layer's share
         B, H, q, D = key_states.shape
-        if q == 1:
-            self.in_prompt = False
-        if self.budget_spec.due(self.budget, self.in_prompt):
-            budget, self.slack = self.budget_spec.resolve(self.length + q)
-            protected = self.budget_spec.sinks + self.budget_spec.recent
-            self.budget = max(round(budget * self.layer_share), protected, 1)  # PyramidKV: this layer's share
         self.store.append(key_states.reshape(B, 1, H * q, D), value_states.reshape(B, 1, H * q, D))  # head-major
         new_heads = torch.arange(H, dtype=torch.int16, device=self.device).repeat_interleave(q)
         new_positions = torch.arange(self.length, self.length + q, dtype=torch.int32, device=self.device).repeat(H)

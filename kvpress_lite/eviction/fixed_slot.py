@@ -34,13 +34,13 @@ import torch
 from .. import _compat, attention_bridge
 from .._compat import CacheLayerMixin
 from ..kernels.dispatch import AUTO, decode_probs, probs_impl
+from ..kernels.fused import unplain_kwargs
 from .fixed_slot_store import write_entries
 from .layer import EvictionLayer
 from .policy import EvictionBudget, EvictionPolicy, ScoreInputs
 
 SUPPORTED_POLICIES = ("h2o", "tova", "snapkv", "knorm", "streaming", "random")
 SUPPORTED_BITS = (None, 8, 4)
-UNSUPPORTED_KWARGS = ("sliding_window", "s_aux", "position_bias")  # attention variants the step does not compute
 POSITION_ORDERED = ("snapkv",)  # policies whose score mixes neighbouring positions: scored in position order
 
 
@@ -258,8 +258,7 @@ class FixedSlotLayer(CacheLayerMixin):
         the ring `[B, H_kv, W, D]`, unused); the model's mask is not read (its shape is the constant
         `get_mask_sizes`; validity comes from `positions` and `n_pad`)."""
         self._pending = False
-        bad = [k for k in UNSUPPORTED_KWARGS if kwargs.get(k) is not None] + (["dropout"] if kwargs.get("dropout")
-                                                                              else [])
+        bad = unplain_kwargs(kwargs)
         if bad:
             raise ValueError(f"FixedSlotEvictionCache layer {self.layer_idx}: the model's attention asks for {bad}; "
                              "the fixed-slot step computes plain softmax attention (scaling, softcap) only")

@@ -13,6 +13,31 @@ from . import observe
 from .policy import EvictionBudget, EvictionPolicy, ScoreInputs
 
 
+def begin_update(layer, spec: EvictionBudget, key_states: torch.Tensor, value_states: torch.Tensor,
+                 share: float = 1.0) -> None:
+    """What every evicting layer's `update` does first: refuse a forward whose predecessor's attention was never
+    observed, initialize on the first call, leave the prompt at the first single-token forward, and (re)resolve the
+    budget, `share` x the cache's (PyramidKV layer shares; floored at sinks + recent), and the slack.
+
+    A prompt fed in several forwards (`generate(prefill_chunk_size=...)`) gets the same final budget as one forward:
+    ratio x (tokens so far), evicting chunk by chunk, so prefill memory stays bounded too."""
+    if layer._pending:
+        raise RuntimeError(
+            f"{type(layer).__name__} {layer.layer_idx}: the previous forward's attention was not observed, so pads "
+            "and scores are unknown: the cache was detached, the model's attn_implementation was changed after the "
+            "cache was built, or the cache runs with another model. Build the EvictionCache with the model that "
+            "runs it."
+        )
+    if not layer.is_initialized:
+        layer.lazy_initialization(key_states, value_states)
+    q = key_states.shape[-2]
+    if q == 1:
+        layer.in_prompt = False
+    if spec.due(layer.budget, layer.in_prompt):
+        budget, layer.slack = spec.resolve(layer.length + q)
+        layer.budget = budget if share == 1.0 else max(round(budget * share), spec.sinks + spec.recent, 1)
+
+
 class EvictionLayer(BridgedLayerMixin, BatchStateMixin, CacheLayerMixin):
     """Keeps at most `budget + slack` tokens per sequence and kv head, evicting the lowest-scored ones.
 
@@ -76,22 +101,8 @@ class EvictionLayer(BridgedLayerMixin, BatchStateMixin, CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append `[B, H_kv, q, D]` states; return the `[B, H_kv, P_prev + q, D]` keys/values attention reads."""
-        if self._pending:
-            raise RuntimeError(
-                f"EvictionLayer {self.layer_idx}: the previous forward's attention was not observed, so pads and "
-                "scores are unknown: the cache was detached, the model's attn_implementation was changed after the "
-                "cache was built, or the cache runs with another model. Build the EvictionCache with the model that "
-                "runs it."
-            )
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+        begin_update(self, self.spec, key_states, value_states)
         B, H, q, _ = key_states.shape
-        if q == 1:
-            self.in_prompt = False
-        if self.spec.due(self.budget, self.in_prompt):
-            # A prompt fed in several forwards (generate(prefill_chunk_size=...)) gets the same final budget as one
-            # forward: ratio x (tokens so far), evicting chunk by chunk, so prefill memory stays bounded too.
-            self.budget, self.slack = self.spec.resolve(self.length + q)
         self.store.append(key_states, value_states)
         if q == 1:  # a decode step: one kernel each (no arange, no zeros, no cat)
             self.positions = F.pad(self.positions, (0, 1), value=self.length)

@@ -54,10 +54,18 @@ def fusable(store, q: int, kernel_impl: str = "auto") -> bool:
     return chosen is not None
 
 
+VARIANT_KWARGS = ("sliding_window", "s_aux", "position_bias")  # attention variants no kernel or one-pass step computes
+
+
+def unplain_kwargs(kwargs) -> list[str]:
+    """The attention kwargs asking for more than plain softmax attention (scaling, softcap), by name: the variants
+    (sliding window, attention sinks, position bias) and dropout; [] if none."""
+    return [k for k in VARIANT_KWARGS if kwargs.get(k) is not None] + (["dropout"] if kwargs.get("dropout") else [])
+
+
 def plain_kwargs(kwargs) -> bool:
     """The kernels compute plain softmax attention (scaling, softcap): False if the kwargs ask for anything else."""
-    return (kwargs.get("sliding_window") is None and kwargs.get("s_aux") is None
-            and kwargs.get("position_bias") is None and not kwargs.get("dropout"))
+    return not unplain_kwargs(kwargs)
 
 
 def _decode_start(store, query: torch.Tensor, attention_mask, kwargs: dict):
@@ -125,4 +133,4 @@ def attend_static(store, query: torch.Tensor, attention_mask, kwargs: dict, kern
 
 
 __all__ = ["attend", "attend_probs", "attend_static", "check_options", "fusable", "model_device", "plain_kwargs",
-           "probs_fusable", "static_refusal", "wants_bridge"]
+           "probs_fusable", "static_refusal", "unplain_kwargs", "wants_bridge"]
