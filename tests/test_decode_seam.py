@@ -205,3 +205,13 @@ def test_cuda_eager_decoding_takes_the_forced_implementation(monkeypatch):
         assert (len(calls) > 0) == (impl == "auto"), (impl, len(calls))
     dispatch._memo.clear()
     assert torch.equal(outputs["auto"], outputs["sdpa"])
+
+
+def test_unplain_kwargs_names_what_no_kernel_computes():
+    from kvpress_lite.kernels import fused
+
+    assert fused.unplain_kwargs({"scaling": 0.1, "softcap": 30.0, "sliding_window": None, "dropout": 0.0}) == []
+    assert fused.plain_kwargs({"scaling": 0.1, "softcap": 30.0})
+    asked = {"sliding_window": 512, "s_aux": torch.zeros(2), "position_bias": None, "dropout": 0.1}
+    assert fused.unplain_kwargs(asked) == ["sliding_window", "s_aux", "dropout"]
+    assert not fused.plain_kwargs(asked)
