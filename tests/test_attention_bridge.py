@@ -269,3 +269,40 @@ def test_eviction_kernel_scores_through_the_triton_kernel_interpreted():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "max abs logit difference" in proc.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_one_pass_decode_attention_equals_eager(dtype, mask_kind, softcap):
+    """`observe.decode_attention` (grouped products, the scale in the product's epilogue, fp32 softmax) against eager
+    attention over repeated KV heads: same output and probabilities, masks (bool / additive) and softcap included."""
+    from kvpress_lite.eviction.observe import decode_attention
+
+    torch.manual_seed(0)
+    B, Hq, Hkv, P, D = 2, 8, 2, 37, 16
+    q = torch.randn(B, Hq, 1, D, dtype=dtype)
+    k, v = torch.randn(B, Hkv, P, D, dtype=dtype), torch.randn(B, Hkv, P, D, dtype=dtype)
+    allowed = torch.ones(B, 1, 1, P, dtype=torch.bool)
+    allowed[0, ..., :5] = False  # row 0: 5 left pads
+    mask = None
+    if mask_kind == "bool":
+        mask = allowed
+    elif mask_kind == "additive":
+        mask = torch.zeros(B, 1, 1, P, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    scaling = 0.3
+    out, probs = decode_attention(q, k, v, mask, scaling, softcap)
+    kk, vv = k.float().repeat_interleave(Hq // Hkv, 1), v.float().repeat_interleave(Hq // Hkv, 1)
+    logits = q.float() @ kk.transpose(-1, -2) * scaling
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if mask is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    ref_probs = logits.softmax(-1)
+    ref_out = (ref_probs @ vv).transpose(1, 2)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert probs.dtype == torch.float32 and probs.shape == (B, Hq, 1, P)
+    torch.testing.assert_close(probs, ref_probs, atol=tol, rtol=tol)
+    torch.testing.assert_close(out.float(), ref_out, atol=tol, rtol=tol)
+    if mask is not None:
+        assert probs[0, ..., :5].abs().max() == 0  # pads get no probability
