@@ -15,6 +15,8 @@
 #   probs     issue 18 item 2: the kernel with / without probabilities at the fixed-slot storage (per-token keys,
 #             G 32, ring 16) and at 32k x 8 (channel keys, G 64), against the fixed-slot torch path (eager, compiled);
 #             its CUDA tests are in `tests` (tests/test_decode_probs.py -k cuda)              (not timed yet)
+#   products  one decode step's attention + per-slot mass over bf16 slots, five ways (benchmarks/attention_products.py):
+#             which replaces the slow batched products of the bf16 fixed-slot and one-pass eager steps    (~1 min)
 #   eviction  issue 18's eviction rows with profiles (docs/fixed-slot-eviction.md): SHAPES (default 8192x8) through
 #             benchmarks/eviction_decode.py --uncompiled h2o snapkv --profile-steps 3, with dynamo's graph breaks and
 #             inductor's CUDA-graph decisions logged (TORCH_LOGS=graph_breaks,perf_hints): why the int4 fixed-slot
@@ -28,7 +30,7 @@ out=${OUT:-gpu-out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-step=${1:?usage: gpu_session.sh tests|kernel|generate|decode|peak|capacity|probs|eviction}
+step=${1:?usage: gpu_session.sh tests|kernel|generate|decode|peak|capacity|probs|eviction|products}
 case $step in
   tests)
     python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_static_cache.py \
@@ -57,6 +59,8 @@ case $step in
       | tee "$out/probs_fixed_slot.log"
     python benchmarks/kernel_bench.py --probs --shapes 8x32768 --json "$out/probs_32k.json" 2>&1 \
       | tee "$out/probs_32k.log" ;;
+  products)
+    python benchmarks/attention_products.py --json "$out/products.json" 2>&1 | tee "$out/products.log" ;;
   eviction)
     shapes=("${@:2}")
     [ ${#shapes[@]} -gt 0 ] || shapes=(8192x8)

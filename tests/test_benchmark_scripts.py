@@ -79,3 +79,22 @@ def test_kernel_bench_probs_runs_on_cpu_interpreted(tmp_path):
     assert names == ["sdpa-bf16", "torch path int4 eager", "int4", "int4+probs", "int4+positions+probs",
                      "torch path bf16 eager", "bf16 kernel (residual path)+positions+probs"], names
     assert all(r.get("ok", True) for r in rows), rows
+
+
+def test_attention_products_candidates_agree_on_cpu(tmp_path):
+    """`benchmarks/attention_products.py --device cpu`: every candidate way of computing a decode step's attention
+    and per-slot mass over bf16 slots ran and matched the fp32 eager reference (the GPU run then only ranks them)."""
+    out = tmp_path / "products.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/attention_products.py", "--device", "cpu", "--shapes", "2x64", "--kv-heads", "2",
+         "--head-dim", "32", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())
+    assert [r["candidate"] for r in rows] == ["one-pass eager", "fixed-slot step, compiled", "slots-major, compiled",
+                                             "sdpa + logits"]
+    for row in rows:
+        assert "error" not in row, row
+        assert row["max_err_out"] < 5e-2 and row["max_err_mass"] < 5e-2 and row["ms"] > 0
