@@ -35,7 +35,7 @@ def begin_update(layer, spec: EvictionBudget, key_states: torch.Tensor, value_st
         layer.in_prompt = False
     if spec.due(layer.budget, layer.in_prompt):
         budget, layer.slack = spec.resolve(layer.length + q)
-        layer.budget = budget if share == 1.0 else max(round(budget * share), spec.sinks + spec.recent, 1)
+        layer.budget = max(round(budget * share), spec.sinks + spec.recent, 1)  # share 1.0: `budget` itself
 
 
 class EvictionLayer(BridgedLayerMixin, BatchStateMixin, CacheLayerMixin):

@@ -59,11 +59,11 @@ def decode_attention(query, key, value, attention_mask=None, scaling=None, softc
     Hkv, P = key.shape[1], key.shape[2]
     scaling = D**-0.5 if scaling is None else scaling
     grouped = query.reshape(B * Hkv, (Hq // Hkv) * q, D)  # query head h reads kv head h // G
-    if softcap is None:  # the scale in the product's epilogue (beta=0: `logits` is only read for its shape)
-        logits = torch.baddbmm(_zeros_like_product(grouped, P), grouped, key.reshape(B * Hkv, P, D).transpose(1, 2),
-                               beta=0, alpha=scaling)
+    keys_t = key.reshape(B * Hkv, P, D).transpose(1, 2)
+    if softcap is None:  # the scale in the product's epilogue (beta=0: the first operand is only read for its shape)
+        logits = torch.baddbmm(_zeros_like_product(grouped, P), grouped, keys_t, beta=0, alpha=scaling)
     else:
-        logits = torch.bmm(grouped, key.reshape(B * Hkv, P, D).transpose(1, 2)).float() * scaling
+        logits = torch.bmm(grouped, keys_t).float() * scaling
         logits = softcap * torch.tanh(logits / softcap)
     logits = logits.view(B, Hq, q, P)
     if attention_mask is not None:
