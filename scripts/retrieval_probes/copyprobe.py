@@ -4,22 +4,12 @@
 #   OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/retrieval_probes/copyprobe.py
 import torch
 
-torch.set_num_threads(1)
-from eval import zoo
-from eval.config import load_recipe
-from eval.execute import make_sample
-from eval.runs import plan
-from eval.tasks import Prompter
 from kvpress_lite import build_cache
 from kvpress_lite._compat import Cache, cache_kwarg, scratch_copy
 from kvpress_lite.eviction import EvictionLayer, observe
 from kvpress_lite.eviction import reread as R
+from needle_setup import model, sample, tok
 
-recipe = load_recipe("recipes/leaderboard.yaml", ["perplexity=null", "tasks.niah_multikey.lengths=[2048]"])
-runs = {r.cache.label: r for r in plan(recipe) if r.cell == "niah_multikey-2048"}
-first = runs["kvzip-ratio0.5"]
-model, tok = zoo.load(first.model, first.dtype, recipe.device, recipe.attn_implementation)
-pr = Prompter(tok, recipe.chat)
 share = {}
 orig = R._ReaderLayer.attend
 def attend(self, base, module, query, key, value, attention_mask, **kw):
@@ -29,8 +19,7 @@ def attend(self, base, module, query, key, value, attention_mask, **kw):
     share.setdefault(self.layer_idx, []).append((m[..., :P].sum() / m.sum()).item())
     return out
 R._ReaderLayer.attend = attend
-s = make_sample(first, tok, 0)
-ids = torch.tensor([pr.encode(s.prompt)])
+s, ids = sample(0)
 L = ids.shape[1]
 pre = torch.tensor([tok("\n\nRepeat the previous context exactly.\n", add_special_tokens=False)["input_ids"]])
 for prefix in (None, pre):

@@ -6,26 +6,15 @@ import sys
 
 import torch
 
-torch.set_num_threads(1)
-from eval import zoo
-from eval.config import load_recipe
 from eval.diagnose import token_span
-from eval.execute import make_sample
-from eval.runs import plan
-from eval.tasks import Prompter
 from kvpress_lite import build_cache
 from kvpress_lite._compat import cache_kwarg
 from kvpress_lite.eviction import EvictionLayer
+from needle_setup import model, recipe, sample, tok
 
-recipe = load_recipe("recipes/leaderboard.yaml", ["perplexity=null", "tasks.niah_multikey.lengths=[2048]"])
-runs = {r.cache.label: r for r in plan(recipe) if r.cell == "niah_multikey-2048"}
-first = runs["kvzip-ratio0.5"]
-model, tok = zoo.load(first.model, first.dtype, recipe.device, recipe.attn_implementation)
-pr = Prompter(tok, recipe.chat)
 configs = eval(sys.argv[1])
 for index in [int(x) for x in sys.argv[2:]]:
-    s = make_sample(first, tok, index)
-    ids = torch.tensor([pr.encode(s.prompt)])
+    s, ids = sample(index)
     L = ids.shape[1]
     value = s.answer.split()[0]
     at = s.prompt.index(s.needle) + s.needle.index(value)
