@@ -17,6 +17,8 @@
 #             its CUDA tests are in `tests` (tests/test_decode_probs.py -k cuda)              (not timed yet)
 #   products  one decode step's attention + per-slot mass over bf16 slots, five ways (benchmarks/attention_products.py):
 #             which replaces the slow batched products of the bf16 fixed-slot and one-pass eager steps    (~1 min)
+#   compile   does each compiled cache's decode step compile as one graph with inductor on this GPU (fullgraph=True:
+#             the first graph break raises and is printed; benchmarks/compile_check.py, 2 layers)       (~3 min)
 #   eviction  issue 18's eviction rows with profiles (docs/fixed-slot-eviction.md): SHAPES (default 8192x8) through
 #             benchmarks/eviction_decode.py --uncompiled h2o snapkv --profile-steps 3, with dynamo's graph breaks and
 #             inductor's CUDA-graph decisions logged (TORCH_LOGS=graph_breaks,perf_hints): why the int4 fixed-slot
@@ -30,7 +32,7 @@ out=${OUT:-gpu-out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-step=${1:?usage: gpu_session.sh tests|kernel|generate|decode|peak|capacity|probs|eviction|products}
+step=${1:?usage: gpu_session.sh tests|kernel|generate|decode|peak|capacity|probs|products|compile|eviction}
 case $step in
   tests)
     python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_static_cache.py \
@@ -61,6 +63,9 @@ case $step in
       | tee "$out/probs_32k.log" ;;
   products)
     python benchmarks/attention_products.py --json "$out/products.json" 2>&1 | tee "$out/products.log" ;;
+  compile)
+    TORCH_LOGS=graph_breaks python benchmarks/compile_check.py "${@:2}" --json "$out/compile.json" 2>&1 \
+      | tee "$out/compile.log" ;;
   eviction)
     shapes=("${@:2}")
     [ ${#shapes[@]} -gt 0 ] || shapes=(8192x8)
