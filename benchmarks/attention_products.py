@@ -12,6 +12,8 @@ probabilities summed over each KV head's query heads, what h2o/tova/snapkv score
   under `torch.compile` (what the compiled bf16 step runs today);
 - `slots-major, compiled`: the same math with the slots as the long dimension of both products (K . q^T
   `[B H_kv, N, G]`, then V^T . P^T), so the GEMMs are tall-skinny instead of 4-row batched ones;
+- `broadcast-reduce, compiled`: each product as a broadcast multiply summed over one axis, so inductor writes it as
+  a reduction kernel instead of calling cuBLAS;
 - `sdpa + logits`: the output from SDPA (flash/cuDNN) and the probabilities from a separate q . K pass (two reads of
   the keys, efficient kernels);
 - `triton residual`: the decode kernel over the bf16 slots as its full-precision residual with `return_probs`
@@ -71,6 +73,18 @@ def slots_major(q, k, v, valid, scaling):
     return out.transpose(-1, -2).reshape(b, hq, 1, d), probs.sum(dim=-1)
 
 
+def broadcast_reduce(q, k, v, valid, scaling):
+    """Both products as broadcast multiplies summed over one axis: inductor writes each as one reduction kernel that
+    reads K (V) once (no cuBLAS call; G = 4 query rows per KV head are too few for a GEMM tile)."""
+    b, hq, _, d = q.shape
+    h = k.shape[1]
+    qg = (q.float() * scaling).reshape(b, h, hq // h, 1, d)  # (B, H, G, 1, D)
+    logits = (qg * k[:, :, None].float()).sum(-1)  # (B, H, G, N)
+    probs = logits.masked_fill(~valid[:, None, None, :], -float("inf")).softmax(dim=-1)
+    out = (probs[..., None] * v[:, :, None].float()).sum(-2)  # (B, H, G, D)
+    return out.to(q.dtype).reshape(b, hq, 1, d), probs.sum(dim=2)
+
+
 def sdpa_and_logits(q, k, v, valid, scaling):
     b, hq, _, d = q.shape
     h = k.shape[1]
@@ -122,7 +136,8 @@ def main() -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here (use --device cpu for a smoke run)")
     candidates = {"one-pass eager": one_pass, "fixed-slot step, compiled": torch.compile(fixed_slot_step),
-                  "slots-major, compiled": torch.compile(slots_major), "sdpa + logits": sdpa_and_logits}
+                  "slots-major, compiled": torch.compile(slots_major),
+                  "broadcast-reduce, compiled": torch.compile(broadcast_reduce), "sdpa + logits": sdpa_and_logits}
     if device == "cuda" and dispatch.triton_available():
         candidates["triton residual"] = triton_residual
     rows = []
