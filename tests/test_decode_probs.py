@@ -101,13 +101,13 @@ def test_reference_probs_valid_lengths_and_fake():
     assert not probs[:, :, 29:48].any() and not probs[:, :, 53:].any()
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from kvpress_lite.kernels.op import decode_probs_op
+    from kvpress_lite.kernels.op import decode_op
 
     packed = packed_of(cap, lengths)
     with FakeTensorMode() as mode:
         fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in packed.tensors()]
-        f_out, f_probs = decode_probs_op(mode.from_tensor(cap["query"]), *fake, mode.from_tensor(kv_start), None,
-                                         *packed.statics(), 1.0, 0.0, "torch", True)
+        f_out, f_probs = decode_op(mode.from_tensor(cap["query"]), *fake, mode.from_tensor(kv_start), None,
+                                   *packed.statics(), 1.0, 0.0, "torch", True)
     assert f_out.shape == out.shape and f_probs.shape == probs.shape and f_probs.dtype == torch.float32
 
 

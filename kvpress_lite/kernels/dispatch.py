@@ -134,7 +134,8 @@ def decode(query: torch.Tensor, packed: PackedKV, kv_start: torch.Tensor | None,
         return chosen.fn(query, packed, kv_start, scaling, softcap)
     from .op import decode_op  # noqa: PLC0415 - op.py imports this module
 
-    return decode_op(query, *packed.tensors(), kv_start, *packed.statics(), scaling, softcap, chosen.name)
+    return decode_op(query, *packed.tensors(), kv_start, None, *packed.statics(), scaling, softcap, chosen.name,
+                     False)[0]
 
 
 def probs_impl(impl: str, device: torch.device, dtype, head_dim: int, bits: int, group_size: int, key_mode: str):
@@ -154,7 +155,7 @@ def decode_probs(query: torch.Tensor, packed: PackedKV, kv_start: torch.Tensor |
     position, attended iff `positions >= kv_start[b]` (-1: empty), instead of the prefix rule of left padding
     (eviction's slots). return_probs False: the output only (validity by `positions` still applies). Raises a
     RuntimeError if the implementation chosen for `impl` cannot run here or computes no probabilities (`probs_impl`
-    first). Compiled: the opaque op `kvpress_lite::decode_attention_probs` (op.py)."""
+    first). Compiled: the opaque op `kvpress_lite::decode_attention` (op.py), as `decode`."""
     chosen, reason = select(impl, query.device, query.dtype, query.shape[-1], packed.bits, packed.group_size,
                             packed.key_mode)
     if chosen is None:
@@ -166,10 +167,10 @@ def decode_probs(query: torch.Tensor, packed: PackedKV, kv_start: torch.Tensor |
     softcap = float(softcap or 0.0)
     if not torch.compiler.is_compiling():
         return chosen.probs_fn(query, packed, kv_start, scaling, softcap, positions, bool(return_probs))
-    from .op import decode_probs_op  # noqa: PLC0415 - op.py imports this module
+    from .op import decode_op  # noqa: PLC0415 - op.py imports this module
 
-    out, probs = decode_probs_op(query, *packed.tensors(), kv_start, positions, *packed.statics(), scaling, softcap,
-                                 chosen.name, bool(return_probs))
+    out, probs = decode_op(query, *packed.tensors(), kv_start, positions, *packed.statics(), scaling, softcap,
+                           chosen.name, bool(return_probs))
     return out, (probs if return_probs else None)
 
 

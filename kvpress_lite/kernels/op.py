@@ -28,39 +28,6 @@ def decode_op(
     residual_values: torch.Tensor | None,
     lengths: torch.Tensor | None,
     kv_start: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    key_mode: str,
-    key_layout: str,
-    value_layout: str,
-    scaling: float,
-    softcap: float,
-    impl: str,
-) -> torch.Tensor:
-    packed = PackedKV.from_parts(
-        (key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys, residual_values, lengths),
-        (bits, group_size, key_mode, key_layout, value_layout))
-    return IMPLEMENTATIONS[impl].fn(query, packed, kv_start, scaling, softcap)
-
-
-@decode_op.register_fake
-def _(query, *args):
-    return torch.empty_like(query)
-
-
-@torch.library.custom_op("kvpress_lite::decode_attention_probs", mutates_args=())
-def decode_probs_op(
-    query: torch.Tensor,
-    key_codes: torch.Tensor | None,
-    key_scale: torch.Tensor | None,
-    key_zero: torch.Tensor | None,
-    value_codes: torch.Tensor | None,
-    value_scale: torch.Tensor | None,
-    value_zero: torch.Tensor | None,
-    residual_keys: torch.Tensor | None,
-    residual_values: torch.Tensor | None,
-    lengths: torch.Tensor | None,
-    kv_start: torch.Tensor | None,
     positions: torch.Tensor | None,
     bits: int,
     group_size: int,
@@ -72,18 +39,23 @@ def decode_probs_op(
     impl: str,
     return_probs: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`dispatch.decode_probs` under torch.compile: (output, probabilities `[B, H_kv, T_cap + R_cap]` fp32, or an
-    empty `(0,)` tensor when `return_probs` is False)."""
+    """`dispatch.decode` / `dispatch.decode_probs` under torch.compile: (output, probabilities `[B, H_kv, T_cap +
+    R_cap]` fp32, or an empty `(0,)` tensor when `return_probs` is False). Without `positions` and probabilities it
+    runs the implementation's plain `fn` (every implementation has one; only some have `probs_fn`)."""
     packed = PackedKV.from_parts(
         (key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys, residual_values, lengths),
         (bits, group_size, key_mode, key_layout, value_layout))
-    out, probs = IMPLEMENTATIONS[impl].probs_fn(query, packed, kv_start, scaling, softcap, positions, return_probs)
+    chosen = IMPLEMENTATIONS[impl]
+    if positions is None and not return_probs:
+        out, probs = chosen.fn(query, packed, kv_start, scaling, softcap), None
+    else:
+        out, probs = chosen.probs_fn(query, packed, kv_start, scaling, softcap, positions, return_probs)
     if probs is None:
         probs = query.new_empty((0,), dtype=torch.float32)
     return out, probs
 
 
-@decode_probs_op.register_fake
+@decode_op.register_fake
 def _(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys, residual_values,
       *args):
     return_probs = args[-1]
@@ -219,4 +191,4 @@ def quantized_decode_attention(
     return decode(query, packed, kv_start, scaling, softcap, impl)
 
 
-__all__ = ["decode_op", "decode_probs_op", "quantized_decode_attention"]
+__all__ = ["decode_op", "quantized_decode_attention"]
