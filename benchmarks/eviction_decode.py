@@ -70,21 +70,27 @@ KERNEL_ROWS = {"int4 torch-step": (4, {"kernel_impl": "sdpa"}), "int8": (8, {}),
                "bf16 kernel": (None, {"bf16_kernel": True}), "int4 G64": (4, {"group_size": 64})}
 
 
-def add_caches(policy: str, ratio: float, budget: int, kernel_rows=()) -> dict[str, list[str]]:
-    """Register the fixed-slot rows in `GENERATE_CACHES` (and the `KERNEL_ROWS` named in `kernel_rows`); returns the
-    labels of the grid, the flatness and the kernel rows."""
+STORAGE_KINDS = {"bf16": None, "int4": 4}
+
+
+def add_caches(policy: str, ratio: float, budget: int, kernel_rows=(), kinds=tuple(STORAGE_KINDS)) -> dict:
+    """Register the fixed-slot rows in `GENERATE_CACHES` (`kinds`: "bf16", "int4"; and the `KERNEL_ROWS` named in
+    `kernel_rows`); returns the labels of the grid, the flatness and the kernel rows, and the capacity search's row
+    (the last kind's: int4 by default)."""
     labels = {"grid": [], "flat": []}
     for name in kernel_rows:
         bits, options = KERNEL_ROWS[name]
         label = f"fixed-slot {policy} {ratio} {name} compiled"
         GENERATE_CACHES[label] = fixed_slot(policy, bits, ratio=ratio, **options)
         labels.setdefault("kernel", []).append(label)
-    for bits, name in ((None, "bf16"), (4, "int4")):
+    for name in kinds:
+        bits = STORAGE_KINDS[name]
         grid, flat = f"fixed-slot {policy} {ratio} {name} compiled", f"fixed-slot {policy} {budget} {name} compiled"
         GENERATE_CACHES[grid] = fixed_slot(policy, bits, ratio=ratio)
         GENERATE_CACHES[flat] = fixed_slot(policy, bits, budget=budget)
         labels["grid"].append(grid)
         labels["flat"].append(flat)
+        labels["capacity"] = grid
     return labels
 
 
@@ -164,6 +170,8 @@ def main() -> None:
     parser.add_argument("--grid", nargs="*", default=["8192x1", "8192x8", "32768x4"], help="LENGTHxBATCH points")
     parser.add_argument("--policy", default="h2o", help="fixed-slot policy (h2o, tova, snapkv, ...)")
     parser.add_argument("--ratio", type=float, default=0.25, help="fixed-slot budget as a fraction of the prompt")
+    parser.add_argument("--kinds", nargs="+", default=list(STORAGE_KINDS), choices=list(STORAGE_KINDS),
+                        help="fixed-slot storage rows (grid and flatness)")
     parser.add_argument("--uncompiled", nargs="*", default=[], metavar="POLICY",
                         help="also time the uncompiled EvictionCache with these policies, bf16 and int4")
     parser.add_argument("--flat-lengths", nargs="*", type=int, default=[8192, 32768])
@@ -192,7 +200,7 @@ def main() -> None:
     torch._dynamo.config.cache_size_limit = 64
     model = build_model(args.layers, args.device, args.small)
     kernel_rows = list(KERNEL_ROWS) if args.kernel_rows == [] else (args.kernel_rows or [])
-    labels = add_caches(args.policy, args.ratio, args.flat_budget, kernel_rows)
+    labels = add_caches(args.policy, args.ratio, args.flat_budget, kernel_rows, args.kinds)
     labels["grid"] += add_uncompiled(args.uncompiled, args.ratio)
     weights = torch.cuda.memory_allocated() if args.device == "cuda" else 0
     compile_config = None
@@ -229,7 +237,7 @@ def main() -> None:
         for label in labels["flat"]:
             flat_rows.append(run(ids, label))
     if args.capacity_length:
-        for label in ["DynamicCache", labels["grid"][1]]:
+        for label in ["DynamicCache", labels["capacity"]]:
             row = capacity(model, label, args.capacity_length, args, compile_config, weights)
             cap_rows.append(row)
             print(json.dumps(row), flush=True)
