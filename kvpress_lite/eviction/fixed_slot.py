@@ -33,7 +33,7 @@ import torch
 
 from .. import _compat, attention_bridge
 from .._compat import CacheLayerMixin
-from ..kernels.dispatch import AUTO, decode_probs, probs_impl
+from ..kernels.dispatch import AUTO, decode_probs_with, probs_impl
 from ..kernels.fused import unplain_kwargs
 from .fixed_slot_store import write_entries
 from .layer import EvictionLayer
@@ -87,6 +87,7 @@ class FixedSlotLayer(CacheLayerMixin):
         self.store = self.positions = self.scores = self.n_pad = self.length = None
         self.decoding = False
         self._pending = False
+        self._impl = None  # the decode seam's implementation for the step (`_seam`), decided in `start_decoding`
         self._like = None  # (batch, heads, dtype, device) the buffers were allocated for
 
     @property
@@ -170,6 +171,7 @@ class FixedSlotLayer(CacheLayerMixin):
         self.n_pad.copy_(prompt.n_pad)
         self.length.fill_(length)
         prompt.reset()  # frees the prompt's storage; the fixed buffers are all this layer keeps now
+        self._impl = self._seam(keys)  # decided once, on the host: the compiled step traces only the op
         self.decoding = True
 
     # ------------------------------------------------------------------ transformers' layer interface
@@ -186,7 +188,7 @@ class FixedSlotLayer(CacheLayerMixin):
         self._write_step(key_states[:, :, 0], value_states[:, :, 0])
         # --- attention-bridge handshake (one place; the bridge then calls `attend`) ---
         self._pending = True
-        if getattr(self.store, "bits", None) and self._seam(key_states) is not None:
+        if getattr(self.store, "bits", None) and self._impl is not None:
             returned = (self.store.ring_keys, self.store.ring_values)  # the kernel reads the codes: no dequantized copy
         else:
             returned = self.store.read()
@@ -264,9 +266,9 @@ class FixedSlotLayer(CacheLayerMixin):
                              "the fixed-slot step computes plain softmax attention (scaling, softcap) only")
         b, hq, q, d = query.shape
         scaling = kwargs.get("scaling") or d**-0.5
-        if self._seam(query) is not None:  # one kernel pass: output and per-entry probabilities
-            out, mass = decode_probs(query, self.store.packed(), self.n_pad, scaling, kwargs.get("softcap"),
-                                     self.positions, self.policy.uses_attention, self.kernel_impl)
+        if self._impl is not None:  # one kernel pass: output and per-entry probabilities
+            out, mass = decode_probs_with(self._impl, query, self.store.packed(), self.n_pad, scaling,
+                                          kwargs.get("softcap"), self.positions, self.policy.uses_attention)
             if self.policy.uses_attention:
                 self.scores.copy_(self._score(mass))
             return out.transpose(1, 2).contiguous(), None

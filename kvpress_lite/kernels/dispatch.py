@@ -160,6 +160,14 @@ def decode_probs(query: torch.Tensor, packed: PackedKV, kv_start: torch.Tensor |
                             packed.key_mode)
     if chosen is None:
         raise RuntimeError(reason)
+    return decode_probs_with(chosen, query, packed, kv_start, scaling, softcap, positions, return_probs)
+
+
+def decode_probs_with(chosen: Implementation, query: torch.Tensor, packed: PackedKV, kv_start: torch.Tensor | None,
+                      scaling: float | None, softcap: float | None, positions: torch.Tensor | None = None,
+                      return_probs: bool = True):
+    """`decode_probs` through an implementation already chosen (`probs_impl`, asked once on the host): a compiled
+    step that decided at its start traces no dispatch logic, only the op."""
     if chosen.probs_fn is None:
         raise RuntimeError(f"impl {chosen.name!r} computes no attention probabilities; accepted: "
                            f"{[n for n, i in IMPLEMENTATIONS.items() if i.probs_fn is not None]}")
@@ -214,5 +222,6 @@ register(Implementation("sdpa", dequantized_sdpa_attention), auto_for=(ANY_DEVIC
 register(Implementation("torch", reference_decode_attention, probs_fn=_reference_probs_fn))
 
 
-__all__ = ["AUTO", "IMPLEMENTATIONS", "Implementation", "check_impl", "decode", "decode_probs", "names", "prefer",
+__all__ = ["AUTO", "IMPLEMENTATIONS", "Implementation", "check_impl", "decode", "decode_probs", "decode_probs_with",
+           "names", "prefer",
            "probs_impl", "register", "select", "triton_available"]
