@@ -37,6 +37,21 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack(parts, dim=-1).flatten(-2)  # (..., P, per_byte) -> (..., P * per_byte)
 
 
+_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+_SMALLEST_SUBNORMAL = {torch.float32: 2.0**-149, torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24}
+
+
+def next_float(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """`torch.nextafter(x, +inf if up else -inf)` for finite floats, by stepping the bit pattern (infinities and NaN
+    returned as they are). Exact under torch.compile too: inductor lowers `nextafter` through fp32, which for bf16 and
+    fp16 returns `x` itself, so a compiled quantizer lost its rounding guarantee (codes off by one)."""
+    bits = x.view(_SAME_WIDTH_INT[x.dtype])
+    away_from_zero = (bits >= 0) == up  # positive and up, or negative and down: a larger magnitude
+    moved = torch.where(away_from_zero, bits + 1, bits - 1).view(x.dtype)
+    tiny = torch.full_like(x, _SMALLEST_SUBNORMAL[x.dtype] * (1.0 if up else -1.0))
+    return torch.where(x == 0, tiny, torch.where(torch.isfinite(x), moved, x))
+
+
 def _minmax_quantize(x: torch.Tensor, dim: int, bits: int, param_dtype: torch.dtype):
     """Quantize `x` with one (scale, zero) per slice along `dim`; returns uint8 codes, scale, zero.
 
@@ -48,10 +63,10 @@ def _minmax_quantize(x: torch.Tensor, dim: int, bits: int, param_dtype: torch.dt
     hi = xf.amax(dim, keepdim=True)
     qmax = (1 << bits) - 1
     zero = lo.to(param_dtype)
-    zero = torch.where(zero.float() > lo, torch.nextafter(zero, torch.full_like(zero, -float("inf"))), zero)
+    zero = torch.where(zero.float() > lo, next_float(zero, up=False), zero)
     span = hi - zero.float()
     scale = (span / qmax).to(param_dtype)
-    scale_up = torch.nextafter(scale, torch.full_like(scale, float("inf")))
+    scale_up = next_float(scale, up=True)
     scale = torch.where(scale.float() * qmax < span, scale_up, scale)
     scale_f = scale.float()
     safe_scale = torch.where(scale_f > 0, scale_f, torch.ones_like(scale_f))

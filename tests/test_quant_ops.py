@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpress_lite.kivi import (
+    next_float,
     dequantize_keys,
     dequantize_values,
     pack,
@@ -114,3 +115,30 @@ def test_unsupported_dtype_and_shape_raise():
         quantize_values(torch.randn(1, 1, 8, 16), 4, 5)
     with pytest.raises(ValueError, match="group_size"):
         quantize_keys(torch.randn(1, 1, 7, 16), 4, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_next_float_is_nextafter_for_every_finite_16_bit_float(dtype):
+    """`next_float` (a step of the bit pattern, exact under inductor) equals `torch.nextafter` for all 2^16 patterns
+    that are finite, both directions, zeros and subnormals included."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    x = x[torch.isfinite(x)]
+    for up in (True, False):
+        ref = torch.nextafter(x, torch.full_like(x, float("inf") if up else -float("inf")))
+        assert torch.equal(next_float(x, up).view(torch.int16), ref.view(torch.int16))
+
+
+def test_compiled_quantizer_equals_eager():
+    """Inductor keeps the quantizer's rounding (the stored scale bumped up, the zero down) where its own `nextafter`
+    lowering (through fp32) returned the bf16 input unchanged; with its bf16 casts emulated the codes, scales and
+    zeros equal eager's bit for bit."""
+    import torch._inductor.config as inductor_config
+
+    x = torch.randn(16, 4, 32, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0)) * 3
+    torch._dynamo.reset()
+    with inductor_config.patch(emulate_precision_casts=True):
+        compiled = torch.compile(lambda t: quantize_values(t.view(16, 4, 1, 32), 4, 32), backend="inductor")
+        got = compiled(x)
+    torch._dynamo.reset()
+    for a, b in zip(quantize_values(x.view(16, 4, 1, 32), 4, 32), got):
+        assert torch.equal(a, b)
