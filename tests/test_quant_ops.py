@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpress_lite.kivi import (
-    next_float,
     dequantize_keys,
     dequantize_values,
+    next_float,
     pack,
     quantize_keys,
     quantize_values,
