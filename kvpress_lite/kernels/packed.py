@@ -51,7 +51,12 @@ class PackedKV:
              bits: int, group_size: int, key_mode: str = "channel", lengths=None, key_layout: str = CHANNEL_PACKED,
              value_layout: str = CHANNEL_PACKED) -> PackedKV:
         """The same object as `PackedKV(...)`, built without the frozen dataclass's per-field `object.__setattr__`
-        (~4 us -> ~1 us): storages build one per layer and decode step, and eager decoding is host-bound."""
+        (~4 us -> ~1 us): storages build one per layer and decode step, and eager decoding is host-bound. Traced by
+        torch.compile, the plain constructor: dynamo (torch 2.11) cannot trace `__dict__.update` on a frozen dataclass
+        and broke the compiled fixed-slot int4 step there, into four graphs per layer."""
+        if torch.compiler.is_compiling():
+            return cls(key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys,
+                       residual_values, bits, group_size, key_mode, lengths, key_layout, value_layout)
         packed = object.__new__(cls)
         packed.__dict__.update(
             key_codes=key_codes, key_scale=key_scale, key_zero=key_zero, value_codes=value_codes,
