@@ -93,7 +93,7 @@ def test_attention_products_candidates_agree_on_cpu(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads(out.read_text())
-    assert [r["candidate"] for r in rows] == ["one-pass eager", "fixed-slot step, compiled", "slots-major, compiled",
+    assert [r["candidate"] for r in rows] == ["one-pass eager", "q.K products, compiled", "slots-major, compiled",
                                              "broadcast-reduce, compiled", "sdpa + logits"]
     for row in rows:
         assert "error" not in row, row

@@ -272,18 +272,22 @@ class FixedSlotLayer(CacheLayerMixin):
             if self.policy.uses_attention:
                 self.scores.copy_(self._score(mass))
             return out.transpose(1, 2).contiguous(), None
+        # slots-major products (the slots are each GEMM's long dimension: K . q^T, then V^T . P^T): on an H100 one
+        # layer's step at 8 x 2049 slots took 0.064 ms this way against 0.126 ms for the q . K^T / P . V products,
+        # which cuBLAS runs with generic batched kernels for G = 4 query rows (benchmarks/attention_products.py)
         h = key.shape[1]
         g = hq // h
-        logits = torch.matmul(query.reshape(b, h, g * q, d), key.transpose(-1, -2)).float() * scaling  # (B, H, G, N)
+        queries_t = query.reshape(b, h, g * q, d).transpose(-1, -2)  # (B, H, D, G)
+        logits = torch.matmul(key, queries_t).float() * scaling  # (B, H, N, G)
         softcap = kwargs.get("softcap")
         if softcap:
             logits = softcap * torch.tanh(logits / softcap)
         valid = self.positions >= self.n_pad[:, None, None].to(torch.int32)  # (B, H, N)
-        probs = logits.masked_fill(~valid[:, :, None, :], -float("inf")).softmax(dim=-1)
-        out = torch.matmul(probs.to(value.dtype), value)  # (B, H, G, D)
+        probs = logits.masked_fill(~valid[..., None], -float("inf")).softmax(dim=2)  # (B, H, N, G)
+        out = torch.matmul(value.transpose(-1, -2), probs.to(value.dtype))  # (B, H, D, G)
         if self.policy.uses_attention:
-            self.scores.copy_(self._score(probs.sum(dim=2)))  # mass (B, H, N): summed over the kv head's query heads
-        return out.reshape(b, hq, q, d).transpose(1, 2).contiguous(), None
+            self.scores.copy_(self._score(probs.sum(dim=-1)))  # mass (B, H, N): summed over the kv head's query heads
+        return out.transpose(-1, -2).reshape(b, hq, q, d).transpose(1, 2).contiguous(), None
 
     def _score(self, mass: torch.Tensor) -> torch.Tensor:
         """The policy's new scores `[B, H, N]` from this step's attention `mass` `[B, H, N]` fp32. Slot order is not

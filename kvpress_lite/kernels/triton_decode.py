@@ -1394,7 +1394,9 @@ def triton_decode_attention(query: torch.Tensor, packed: PackedKV, kv_start: tor
     tail = (hkv, tiles_per_split, s_hist, s_total)
     grid = (b * hkv, s_total)
     if variant >= 3:  # exact codes; inline PTX needs a GPU and 16-bit floats
-        asm = bool(magic) and not INTERPRET and dtype in (torch.bfloat16, torch.float16) and bits in (4, 8)
+        # no history (a residual-only launch: bf16 fixed slots) has no codes to convert: no inline PTX (on an H100 with
+        # triton 3.6 that launch failed to compile with it: "number of input constraints does not match")
+        asm = has_hist and bool(magic) and not INTERPRET and dtype in (torch.bfloat16, torch.float16) and bits in (4, 8)
         cdt = tl.float16 if asm and bits == 8 else vdt
         if variant == 4:
             prow = vc.shape[-1] if has_hist else 16
