@@ -98,3 +98,22 @@ def test_attention_products_candidates_agree_on_cpu(tmp_path):
     for row in rows:
         assert "error" not in row, row
         assert row["max_err_out"] < 5e-2 and row["max_err_mass"] < 5e-2 and row["ms"] > 0
+
+
+def test_compile_check_reports_one_graph_per_step_on_cpu(tmp_path):
+    """`benchmarks/compile_check.py` (generate with fullgraph=True) on the CPU toy model: the fixed-slot steps, bf16
+    and int4, and the static quantized cache each compile as one graph (a graph break would raise there and be
+    reported as `one_graph: false` with its reason)."""
+    out = tmp_path / "compile.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    only = ["fixed-slot h2o bf16", "fixed-slot h2o int4", "ours int4 static compiled"]
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/compile_check.py", "--device", "cpu", "--small", "--backend", "aot_eager",
+         "--length", "96", "--tokens", "4", "--only", *only, "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())
+    assert [r["cache"] for r in rows] == [only[2], only[0], only[1]]  # the script's order: generate_steps' rows first
+    for row in rows:
+        assert row["one_graph"], row
