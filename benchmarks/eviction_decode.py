@@ -35,6 +35,7 @@ try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.evic
         StepClock,
         _generate,
         measure_generate,
+        print_capacity,
         print_table,
         reset_compiled_state,
         step_ms,
@@ -47,6 +48,7 @@ except ImportError:  # pragma: no cover
         StepClock,
         _generate,
         measure_generate,
+        print_capacity,
         print_table,
         reset_compiled_state,
         step_ms,
@@ -252,14 +254,7 @@ def main() -> None:
             lo, hi = min(ms), max(ms)
             print(f"{label}: {hi} vs {lo} prompt: {ms[hi] / ms[lo]:.3f}x")
     if cap_rows:
-        print(f"\n| cache | largest batch at {args.capacity_length} | ms/step | tokens/s | KV GiB | tried |")
-        print("|---|---|---|---|---|---|")
-        for r in cap_rows:
-            if "error" in r:
-                print(f"| {r['cache']} | {r['error']} | | | | |")
-            else:
-                print(f"| {r['cache']} | {r['batch']}{' (cap)' if r['capped'] else ''} | {r['ms_per_step']:.1f} | "
-                      f"{r['tokens_per_s']:.0f} | {r['kv_gib']:.2f} | {r['tried']} |")
+        print_capacity(cap_rows, args.capacity_length)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"generate": rows, "flat": flat_rows, "capacity": cap_rows}, handle, indent=1)

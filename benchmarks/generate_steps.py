@@ -176,6 +176,23 @@ def measure_generate(model, ids, label, new_tokens=64, warm_tokens=8, skip=4, we
     return row
 
 
+def print_capacity(rows, length: int) -> None:
+    """The capacity search's table (gpu_decode.py, eviction_decode.py): largest batch at `length`, its step and
+    tokens/s, KV GiB, peak GiB where measured, the batches tried."""
+    peak = any("peak_gib" in r for r in rows)
+    cols = ["cache", f"largest batch at {length}", "ms/step", "tokens/s", "KV GiB"] + (["peak GiB"] if peak else [])
+    print("\n| " + " | ".join(cols + ["tried"]) + " |")
+    print("|" + "---|" * (len(cols) + 1))
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['cache']} | {r['error']} |" + " |" * (len(cols) - 1))
+            continue
+        cells = [r["cache"], f"{r['batch']}{' (cap)' if r['capped'] else ''}", f"{r['ms_per_step']:.1f}",
+                 f"{r['tokens_per_s']:.0f}", f"{r['kv_gib']:.2f}"] + ([f"{r.get('peak_gib', float('nan')):.1f}"]
+                                                                       if peak else [])
+        print("| " + " | ".join(cells + [str(r["tried"])]) + " |")
+
+
 def print_table(rows, title: str = "") -> None:
     """Markdown table of `measure_generate` rows under `title`; ratios against the same shape's DynamicCache (its last
     measurement) and StaticCache rows; a growing cache's first run at the shape in its own column."""

@@ -35,9 +35,9 @@ import torch
 from kvpress_lite import build_cache, cache_kwarg, cache_nbytes
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.gpu_decode
-    from generate_steps import AGAIN, GENERATE_CACHES, measure_generate, print_table
+    from generate_steps import AGAIN, GENERATE_CACHES, measure_generate, print_capacity, print_table
 except ImportError:  # pragma: no cover
-    from benchmarks.generate_steps import AGAIN, GENERATE_CACHES, measure_generate, print_table
+    from benchmarks.generate_steps import AGAIN, GENERATE_CACHES, measure_generate, print_capacity, print_table
 
 CACHES = {
     "DynamicCache": ("dynamic", {}),
@@ -302,14 +302,7 @@ def main() -> None:
               f"{ratio['DynamicCache']:.2f}x | {ratio['QuantizedCache quanto int4']:.2f}x | {r['kv_gib']:.2f} | "
               f"{r['peak_gib']:.2f} |")
     if cap_rows:
-        print(f"\n| cache | largest batch at {args.capacity_length} | ms/step | tokens/s | KV GiB | peak GiB | tried |")
-        print("|---|---|---|---|---|---|---|")
-        for r in cap_rows:
-            if "error" in r:
-                print(f"| {r['cache']} | {r['error']} | | | | | |")
-            else:
-                print(f"| {r['cache']} | {r['batch']}{' (cap)' if r['capped'] else ''} | {r['ms_per_step']:.1f} | "
-                      f"{r['tokens_per_s']:.0f} | {r['kv_gib']:.1f} | {r['peak_gib']:.1f} | {r['tried']} |")
+        print_capacity(cap_rows, args.capacity_length)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"grid": rows, "capacity": cap_rows, "generate": gen_rows}, handle, indent=1)
