@@ -21,11 +21,11 @@ import torch
 import transformers
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.compile_check
-    from eviction_decode import KERNEL_ROWS, fixed_slot
+    from eviction_decode import KERNEL_ROWS, STORAGE_KINDS, fixed_slot
     from generate_steps import GENERATE_CACHES, _generate, reset_compiled_state
     from gpu_decode import build_model
 except ImportError:  # pragma: no cover
-    from benchmarks.eviction_decode import KERNEL_ROWS, fixed_slot
+    from benchmarks.eviction_decode import KERNEL_ROWS, STORAGE_KINDS, fixed_slot
     from benchmarks.generate_steps import GENERATE_CACHES, _generate, reset_compiled_state
     from benchmarks.gpu_decode import build_model
 
@@ -34,9 +34,8 @@ def candidates(policy: str) -> dict:
     """label -> cache factory `(model, max_cache_len) -> cache`: the compiled rows of `generate_steps` and the
     fixed-slot rows of `eviction_decode` (bf16, int4 and its kernel rows)."""
     found = {label: factory for label, (factory, compiled) in GENERATE_CACHES.items() if compiled}
-    found[f"fixed-slot {policy} bf16"] = fixed_slot(policy, None, ratio=0.25)[0]
-    found[f"fixed-slot {policy} int4"] = fixed_slot(policy, 4, ratio=0.25)[0]
-    for name, (bits, options) in KERNEL_ROWS.items():
+    rows = {**{name: (bits, {}) for name, bits in STORAGE_KINDS.items()}, **KERNEL_ROWS}
+    for name, (bits, options) in rows.items():
         found[f"fixed-slot {policy} {name}"] = fixed_slot(policy, bits, ratio=0.25, **options)[0]
     return found
 

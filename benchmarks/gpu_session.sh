@@ -15,7 +15,7 @@
 #   probs     issue 18 item 2: the kernel with / without probabilities at the fixed-slot storage (per-token keys,
 #             G 32, ring 16) and at 32k x 8 (channel keys, G 64), against the fixed-slot torch path (eager, compiled);
 #             its CUDA tests are in `tests` (tests/test_decode_probs.py -k cuda)              (not timed yet)
-#   products  one decode step's attention + per-slot mass over bf16 slots, five ways (benchmarks/attention_products.py):
+#   products  one decode step's attention + per-slot mass over bf16 slots, six ways (benchmarks/attention_products.py):
 #             which replaces the slow batched products of the bf16 fixed-slot and one-pass eager steps    (~1 min)
 #   compile   does each compiled cache's decode step compile as one graph with inductor on this GPU (fullgraph=True:
 #             the first graph break raises and is printed; benchmarks/compile_check.py, 2 layers)       (~3 min)

@@ -223,5 +223,4 @@ register(Implementation("torch", reference_decode_attention, probs_fn=_reference
 
 
 __all__ = ["AUTO", "IMPLEMENTATIONS", "Implementation", "check_impl", "decode", "decode_probs", "decode_probs_with",
-           "names", "prefer",
-           "probs_impl", "register", "select", "triton_available"]
+           "names", "prefer", "probs_impl", "register", "select", "triton_available"]
