@@ -172,8 +172,10 @@ def main() -> None:
     parser.add_argument("--grid", nargs="*", default=["8192x1", "8192x8", "32768x4"], help="LENGTHxBATCH points")
     parser.add_argument("--policy", default="h2o", help="fixed-slot policy (h2o, tova, snapkv, ...)")
     parser.add_argument("--ratio", type=float, default=0.25, help="fixed-slot budget as a fraction of the prompt")
-    parser.add_argument("--kinds", nargs="+", default=list(STORAGE_KINDS), choices=list(STORAGE_KINDS),
-                        help="fixed-slot storage rows (grid and flatness)")
+    parser.add_argument("--kinds", nargs="*", default=list(STORAGE_KINDS), choices=list(STORAGE_KINDS),
+                        help="fixed-slot storage rows (grid and flatness); none: only the other rows")
+    parser.add_argument("--no-static", action="store_true",
+                        help="leave out the StaticCache compiled row (its compile costs ~35 s per shape)")
     parser.add_argument("--uncompiled", nargs="*", default=[], metavar="POLICY",
                         help="also time the uncompiled EvictionCache with these policies, bf16 and int4")
     parser.add_argument("--flat-lengths", nargs="*", type=int, default=[8192, 32768])
@@ -204,6 +206,8 @@ def main() -> None:
     kernel_rows = list(KERNEL_ROWS) if args.kernel_rows == [] else (args.kernel_rows or [])
     labels = add_caches(args.policy, args.ratio, args.flat_budget, kernel_rows, args.kinds)
     labels["grid"] += add_uncompiled(args.uncompiled, args.ratio)
+    if args.capacity_length and "capacity" not in labels:
+        parser.error("--capacity-length searches the last of --kinds: name one, or pass --capacity-length 0")
     weights = torch.cuda.memory_allocated() if args.device == "cuda" else 0
     compile_config = None
     if args.device == "cuda":
@@ -231,7 +235,8 @@ def main() -> None:
         length, batch = (int(x) for x in point.split("x"))
         ids = torch.randint(10, vocab, (batch, length), device=args.device)
         rows.append(run(ids, "DynamicCache"))
-        for label in ["StaticCache compiled", *args.also] + labels["grid"] + labels.get("kernel", []):
+        static = [] if args.no_static else ["StaticCache compiled"]
+        for label in static + args.also + labels["grid"] + labels.get("kernel", []):
             rows.append(run(ids, label))
         rows.append(run(ids, "DynamicCache", "DynamicCache" + AGAIN))
     for length in args.flat_lengths:

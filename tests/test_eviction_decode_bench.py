@@ -50,3 +50,21 @@ def test_eviction_decode_benchmark_runs_on_cpu(tmp_path):
     flat = {(r["cache"], r["length"]): r["kv_gib"] for r in result["flat"]}
     assert flat[("fixed-slot h2o 32 bf16 compiled", 128)] == flat[("fixed-slot h2o 32 bf16 compiled", 256)]
     assert "| 128 x 2 | fixed-slot h2o 0.25 int4 compiled |" in proc.stdout and "tokens/s" in proc.stdout
+
+
+def test_eviction_decode_uncompiled_rows_alone(tmp_path):
+    """`--kinds` with no kind and `--no-static`: only DynamicCache (first and last) and the uncompiled rows; a capacity
+    search without a fixed-slot kind is refused by name."""
+    out = tmp_path / "rows.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "benchmarks/eviction_decode.py", "--device", "cpu", "--small", "--grid", "128x2",
+            "--kinds", "--flat-lengths", "--tokens", "4"]
+    proc = subprocess.run(base + ["--no-static", "--uncompiled", "snapkv", "--capacity-length", "0", "--json",
+                                  str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    grid = [r["cache"] for r in json.loads(out.read_text())["generate"]]
+    assert grid == ["DynamicCache", "EvictionCache snapkv 0.25 bf16", "EvictionCache snapkv 0.25 int4",
+                    "DynamicCache (again, last)"]
+    refused = subprocess.run(base + ["--capacity-length", "128"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert refused.returncode == 2 and "--capacity-length" in refused.stderr and "--kinds" in refused.stderr
