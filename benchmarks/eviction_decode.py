@@ -148,7 +148,8 @@ def capacity_row(model, label, factory, compiled, length, batch, tokens, compile
 
 
 def capacity(model, label, length, args, compile_config, weights) -> dict:
-    """Largest batch (from an estimate by bytes per row, shrinking 12% per out-of-memory) and its tokens/s."""
+    """Largest batch (from an estimate by bytes per row, shrinking 12% per out-of-memory; with `--capacity-grow`,
+    then growing 15% per try until one does not fit) and its tokens/s; `upper_bound_found`: a larger batch failed."""
     factory, compiled = GENERATE_CACHES[label]
     batch = args.max_batch
     if torch.cuda.is_available() and args.device == "cuda":
@@ -156,14 +157,27 @@ def capacity(model, label, length, args, compile_config, weights) -> dict:
         free = torch.cuda.get_device_properties(0).total_memory - weights - args.margin_gib * 2**30
         if probe is not None:  # KV bytes per row, + 30% for the step's transients (dequantized slots, logits)
             batch = min(args.max_batch, max(1, int(free / 2**30 / max(1.3 * probe["kv_gib"], 1e-3))))
-    tried = []
+    tried, fit = [], None
     for _ in range(args.capacity_tries):
         tried.append(batch)
         row = capacity_row(model, label, factory, compiled, length, batch, args.tokens, compile_config, weights)
         if row is not None:
-            return {**row, "tried": tried, "capped": batch == args.max_batch}
+            fit = row
+            break
         batch = max(1, int(batch * 0.88))
-    return dict(cache=label, length=length, error=f"out of memory at batches {tried}")
+    if fit is None:
+        return dict(cache=label, length=length, error=f"out of memory at batches {tried}")
+    for _ in range(args.capacity_grow):  # the estimate fit: try larger batches until one does not (or the cap)
+        if batch >= args.max_batch:
+            break
+        batch = min(args.max_batch, max(batch + 1, int(batch * 1.15)))
+        tried.append(batch)
+        row = capacity_row(model, label, factory, compiled, length, batch, args.tokens, compile_config, weights)
+        if row is None:
+            break
+        fit = row
+    return {**fit, "tried": tried, "capped": fit["batch"] == args.max_batch,
+            "upper_bound_found": len(tried) > 1 and tried[-1] != fit["batch"]}
 
 
 def main() -> None:
@@ -182,7 +196,10 @@ def main() -> None:
     parser.add_argument("--flat-batch", type=int, default=4)
     parser.add_argument("--flat-budget", type=int, default=2048, help="tokens kept for every flatness prompt")
     parser.add_argument("--capacity-length", type=int, default=32768, help="0: no capacity search")
-    parser.add_argument("--capacity-tries", type=int, default=5)
+    parser.add_argument("--capacity-tries", type=int, default=5, help="tries shrinking 12%% per out-of-memory")
+    parser.add_argument("--capacity-grow", type=int, default=0,
+                        help="after the first batch that fits, up to this many tries 15%% larger until one does not "
+                             "(0: the first fit, a lower bound; each compiled try recompiles, ~2 min at 32k)")
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--margin-gib", type=float, default=4.0)
     parser.add_argument("--tokens", type=int, default=64, help="timed decode steps per row")

@@ -68,3 +68,32 @@ def test_eviction_decode_uncompiled_rows_alone(tmp_path):
     refused = subprocess.run(base + ["--capacity-length", "128"], cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=600)
     assert refused.returncode == 2 and "--capacity-length" in refused.stderr and "--kinds" in refused.stderr
+
+
+def test_capacity_search_shrinks_then_grows(monkeypatch):
+    """The search shrinks 12% per out-of-memory from `--max-batch` (no estimate off CUDA), then with `--capacity-grow`
+    tries 15% larger batches until one does not fit: the largest batch that fit, and whether a larger one failed."""
+    import argparse
+
+    from benchmarks import eviction_decode
+
+    limit = 200
+
+    def fake_row(model, label, factory, compiled, length, batch, tokens, compile_config, weights):
+        return None if batch > limit else dict(cache=label, length=length, batch=batch, ms_per_step=1.0)
+
+    monkeypatch.setattr(eviction_decode, "capacity_row", fake_row)
+    monkeypatch.setitem(eviction_decode.GENERATE_CACHES, "fake", (None, False))
+    args = argparse.Namespace(max_batch=256, capacity_tries=5, capacity_grow=0, device="cpu", tokens=4, margin_gib=4)
+    first = eviction_decode.capacity(None, "fake", 128, args, None, 0)
+    assert first["tried"] == [256, 225, 198] and first["batch"] == 198 and not first["upper_bound_found"]
+    limit = 220
+    args.capacity_grow = 3
+    grown = eviction_decode.capacity(None, "fake", 128, args, None, 0)
+    assert grown["tried"] == [256, 225, 198, 227] and grown["batch"] == 198 and grown["upper_bound_found"]
+    limit = 10_000
+    capped = eviction_decode.capacity(None, "fake", 128, args, None, 0)
+    assert capped["tried"] == [256] and capped["capped"]
+    args.capacity_tries = 1
+    limit = 0
+    assert "out of memory" in eviction_decode.capacity(None, "fake", 128, args, None, 0)["error"]
