@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 import torch
 from conftest import tiny_gemma3, tiny_llama
+from interpreted import run_interpreted
 
 from kvpress_lite import EvictionCache, QuantizedKVCache, attention_bridge
 from kvpress_lite._compat import DynamicCache, attention_implementation, cache_kwarg
@@ -262,12 +258,7 @@ assert (out - plain).abs().max().item() <= 1e-4
 def test_eviction_kernel_scores_through_the_triton_kernel_interpreted():
     """The same decode steps through the Triton kernel itself (its probability outputs), run by Triton's interpreter
     on the CPU in a subprocess (TRITON_INTERPRET must be set before triton is imported)."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(pathlib.Path(__file__).parents[1])}
-    proc = subprocess.run([sys.executable, "-c", _TRITON_EVICTION], cwd=pathlib.Path(__file__).parents[1], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_interpreted(["-c", _TRITON_EVICTION])
     assert "max abs logit difference" in proc.stdout
 
 

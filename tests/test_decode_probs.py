@@ -16,13 +16,13 @@ import contextlib
 import functools
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import greedy_with_logits, left_padded_prompt, tiny_llama
+from interpreted import interpreted_json
 from test_kernels import make_inputs, rel_err, valid_length_inputs
 
 from kvpress_lite import FixedSlotEvictionCache, kernels
@@ -298,14 +298,7 @@ def run_interpret_cases() -> dict:
 
 @pytest.fixture(scope="module")
 def interpret_results():
-    pytest.importorskip("triton", reason="triton is not installed (optional dependency)")
-    pytest.importorskip("numpy", reason="Triton's interpreter needs numpy")
-    path = os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    proc = subprocess.run([sys.executable, __file__, "--interpret"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpreted_json(__file__, timeout=900)
 
 
 @pytest.mark.parametrize("case", [c[0] for c in PROB_CASES + PROB_LENGTH_CASES])

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from interpreted import interpreted_json
 
 from kvpress_lite.kernels import dequantize_history, quantized_decode_attention
 
@@ -411,16 +411,7 @@ def run_interpret_cases() -> dict:
 
 @pytest.fixture(scope="module")
 def interpret_results():
-    pytest.importorskip("triton", reason="triton is not installed (optional dependency)")
-    pytest.importorskip("numpy", reason="Triton's interpreter needs numpy")
-    # this checkout first on the path: the script's own folder (tests/) would otherwise leave `kvpress_lite` to
-    # whichever copy is installed
-    path = os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    proc = subprocess.run([sys.executable, __file__, "--interpret"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpreted_json(__file__)
 
 
 @pytest.mark.parametrize("case", [c[0] for c in INTERPRET_CASES])

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 from conftest import greedy_with_logits, left_padded_prompt, tiny_gemma3, tiny_llama
+from interpreted import interpreted_json
 from transformers import CompileConfig
 
 from kvpress_lite import QuantizedKVCache, StaticQuantizedKVCache, build_cache, cache_nbytes
@@ -135,14 +134,7 @@ def _interpreted_triton_run() -> dict:
 def test_step_path_through_interpreted_triton_kernel_compiled():
     """The GPU code path (Triton kernel with valid lengths read on the device) end to end on the CPU: compiled through
     generate with the kernel interpreted, the same tokens as the torch reference (a flush happens at step 8)."""
-    pytest.importorskip("triton", reason="triton is not installed (optional dependency)")
-    pytest.importorskip("numpy", reason="Triton's interpreter needs numpy")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    root = pathlib.Path(__file__).parents[1]
-    proc = subprocess.run([sys.executable, __file__, "--interpret"], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = interpreted_json(__file__)
     assert result["triton"]["tokens"] == result["torch"]["tokens"]
     torch.testing.assert_close(torch.tensor(result["triton"]["logits"]), torch.tensor(result["torch"]["logits"]),
                                atol=1e-5, rtol=1e-5)

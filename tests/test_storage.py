@@ -4,13 +4,11 @@ on the tensors the storage reads back."""
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import subprocess
 import sys
 
 import pytest
 import torch
+from interpreted import interpreted_json
 
 from kvpress_lite import cache_nbytes
 from kvpress_lite.kernels.layouts import packed_columns, token_packed_nbytes
@@ -299,15 +297,7 @@ def test_triton_kernel_over_storage_packed_views_interpreted():
     """The kernel (v4, token-packed values) reads what the storages produce: `QuantizedKV` (channel keys; token keys
     after an eviction) and the static storage (capacity buffers, valid lengths on the device), bits 8/4/2, equal to
     the reference within fp32 rounding (TRITON_INTERPRET=1 in a subprocess: it must be set before triton imports)."""
-    pytest.importorskip("triton", reason="triton is not installed (optional dependency)")
-    pytest.importorskip("numpy", reason="Triton's interpreter needs numpy")
-    root = pathlib.Path(__file__).parents[1]
-    path = os.pathsep.join(x for x in (str(root), os.environ.get("PYTHONPATH")) if x)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    proc = subprocess.run([sys.executable, __file__, "--interpret"], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    errors = interpreted_json(__file__)
     assert len(errors) == 9
     assert all(err < 1e-4 for err in errors.values()), errors
 
