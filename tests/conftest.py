@@ -66,6 +66,16 @@ def left_padded_prompt(batch: int = 2, length: int = 40, pad: int = 5, seed: int
     return ids, mask
 
 
+def padded_batch(length: int = 12, pad: int = 4, seed: int = 0, vocab: int = 128):
+    """Batch 2, row 1 left-padded with `pad` pad tokens (id 0; a generator, so the global seed is untouched):
+    (input_ids, attention_mask)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (2, length), generator=gen)
+    mask = torch.ones(2, length, dtype=torch.long)
+    ids[1, :pad], mask[1, :pad] = 0, 0
+    return ids, mask
+
+
 def greedy_with_logits(model, cache, ids, mask, new_tokens: int, **kwargs):
     """Greedy `generate` of `new_tokens` through `cache`: (sequences, logits `[new_tokens, batch, vocab]`)."""
     from kvpress_lite._compat import cache_kwarg

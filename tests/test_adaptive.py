@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_gemma3, tiny_llama
+from conftest import padded_batch, tiny_gemma3, tiny_llama
 from transformers import DynamicCache
 
 from kvpress_lite import EvictionCache, build_cache, cache_nbytes
@@ -16,15 +16,6 @@ from kvpress_lite.eviction import AdaptiveEvictionLayer
 
 TINY = {"llama": tiny_llama, "gemma3": tiny_gemma3}
 PER_HEAD_POLICIES = ["snapkv", "h2o", "knorm", "expected_attention"]
-
-
-def padded_batch(length: int = 12, pad: int = 4, seed: int = 0, vocab: int = 128):
-    """Batch 2, row 1 left-padded with `pad` tokens: (input_ids, attention_mask)."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (2, length), generator=gen)
-    mask = torch.ones(2, length, dtype=torch.long)
-    ids[1, :pad], mask[1, :pad] = 0, 0
-    return ids, mask
 
 
 def generate(model, cache, ids, mask, **kwargs):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_gemma3, tiny_llama
+from conftest import padded_batch, tiny_gemma3, tiny_llama
 from transformers import AttentionInterface, DynamicCache, StoppingCriteria, StoppingCriteriaList
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -280,15 +280,6 @@ def test_every_policy_is_registered_documented_and_builds():
 
 
 # ------------------------------------------------------------------------------------- integration: tiny models
-
-
-def padded_batch(length: int = 12, pad: int = 4, seed: int = 0, vocab: int = 128):
-    """Batch 2, row 1 left-padded with `pad` tokens: (input_ids, attention_mask)."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (2, length), generator=gen)
-    mask = torch.ones(2, length, dtype=torch.long)
-    ids[1, :pad], mask[1, :pad] = 0, 0
-    return ids, mask
 
 
 def generate(model, cache, ids, mask, **kwargs):
