@@ -23,6 +23,11 @@
 #             benchmarks/eviction_decode.py --uncompiled h2o snapkv --profile-steps 3, with dynamo's graph breaks and
 #             inductor's CUDA-graph decisions logged (TORCH_LOGS=graph_breaks,perf_hints): why the int4 fixed-slot
 #             step ran as 4 graphs per layer                                   (8k x 8 ~6 min; 32k x 4 ~9 min alone)
+#   fixed     issue 18's fixed-slot rows as measured on 2026-12-07 (docs/fixed-slot-eviction.md, third session): SHAPES
+#             (default 32768x4) with DynamicCache (first, last), StaticCache compiled, fixed-slot tova bf16 and int4 at
+#             ratio 0.25                                                                   (32k x 4 ~5 min, 8k x 1 + 8k x 8 ~7)
+#   uncompiled  the uncompiled EvictionCache rows alone: SHAPES (default 8192x8), DynamicCache first and last, h2o and
+#             snapkv at ratio 0.25, bf16 and int4 (no StaticCache, no fixed-slot row)                  (not timed yet)
 # transformers' quanto cache (the "QuantizedCache quanto int4" rows of `decode`) needs optimum-quanto, which the GPU image
 # lacks: carry its wheel (device README, ".whl") or that row reports an import error and the others run.
 set -euo pipefail
@@ -32,7 +37,7 @@ out=${OUT:-gpu-out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-step=${1:?usage: gpu_session.sh tests|kernel|generate|decode|peak|capacity|probs|products|compile|eviction}
+step=${1:?usage: gpu_session.sh tests|kernel|generate|decode|peak|capacity|probs|products|compile|eviction|fixed|uncompiled}
 case $step in
   tests)
     python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_static_cache.py \
@@ -73,5 +78,17 @@ case $step in
     TORCH_LOGS=graph_breaks,perf_hints python benchmarks/eviction_decode.py --grid "${shapes[@]}" \
       --uncompiled h2o snapkv --flat-lengths --capacity-length 0 --profile-steps 3 --json "$out/eviction_$tag.json" \
       2>&1 | tee "$out/eviction_$tag.log" ;;
+  fixed)
+    shapes=("${@:2}")
+    [ ${#shapes[@]} -gt 0 ] || shapes=(32768x4)
+    tag=$(IFS=_; echo "${shapes[*]}")
+    python benchmarks/eviction_decode.py --policy tova --grid "${shapes[@]}" --kinds bf16 int4 --flat-lengths \
+      --capacity-length 0 --json "$out/fixed_$tag.json" 2>&1 | tee "$out/fixed_$tag.log" ;;
+  uncompiled)
+    shapes=("${@:2}")
+    [ ${#shapes[@]} -gt 0 ] || shapes=(8192x8)
+    tag=$(IFS=_; echo "${shapes[*]}")
+    python benchmarks/eviction_decode.py --grid "${shapes[@]}" --kinds --no-static --uncompiled h2o snapkv \
+      --flat-lengths --capacity-length 0 --json "$out/uncompiled_$tag.json" 2>&1 | tee "$out/uncompiled_$tag.log" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
