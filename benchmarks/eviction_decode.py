@@ -176,8 +176,9 @@ def capacity(model, label, length, args, compile_config, weights) -> dict:
         if row is None:
             break
         fit = row
+    # fits only grow, so every tried batch above the reported one ran out of memory
     return {**fit, "tried": tried, "capped": fit["batch"] == args.max_batch,
-            "upper_bound_found": len(tried) > 1 and tried[-1] != fit["batch"]}
+            "upper_bound_found": any(b > fit["batch"] for b in tried)}
 
 
 def main() -> None:
