@@ -37,6 +37,13 @@ out=${OUT:-gpu-out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+# SHAPES of a step: its arguments after the step's name, else the default given as one word list; the file tag
+shapes_and_tag() {
+  local default=$1; shift
+  shapes=("$@")
+  [ ${#shapes[@]} -gt 0 ] || read -ra shapes <<< "$default"
+  tag=$(IFS=_; echo "${shapes[*]}")
+}
 step=${1:?usage: gpu_session.sh tests|kernel|generate|decode|peak|capacity|probs|products|compile|eviction|fixed|uncompiled}
 case $step in
   tests)
@@ -46,9 +53,7 @@ case $step in
   kernel)
     python benchmarks/kernel_bench.py --quick --json "$out/kernel.json" 2>&1 | tee "$out/kernel.log" ;;
   generate)  # optional shapes after the step name (e.g. `generate 32768x4`) to split it over two calls
-    shapes=("${@:2}")
-    [ ${#shapes[@]} -gt 0 ] || shapes=(8192x1 8192x8 32768x4)
-    tag=$(IFS=_; echo "${shapes[*]}")
+    shapes_and_tag "8192x1 8192x8 32768x4" "${@:2}"
     python benchmarks/gpu_decode.py --grid --generate-grid "${shapes[@]}" --json "$out/generate_$tag.json" \
       2>&1 | tee "$out/generate_$tag.log" ;;
   decode)
@@ -72,22 +77,16 @@ case $step in
     TORCH_LOGS=graph_breaks python benchmarks/compile_check.py "${@:2}" --json "$out/compile.json" 2>&1 \
       | tee "$out/compile.log" ;;
   eviction)
-    shapes=("${@:2}")
-    [ ${#shapes[@]} -gt 0 ] || shapes=(8192x8)
-    tag=$(IFS=_; echo "${shapes[*]}")
+    shapes_and_tag "8192x8" "${@:2}"
     TORCH_LOGS=graph_breaks,perf_hints python benchmarks/eviction_decode.py --grid "${shapes[@]}" \
       --uncompiled h2o snapkv --flat-lengths --capacity-length 0 --profile-steps 3 --json "$out/eviction_$tag.json" \
       2>&1 | tee "$out/eviction_$tag.log" ;;
   fixed)
-    shapes=("${@:2}")
-    [ ${#shapes[@]} -gt 0 ] || shapes=(32768x4)
-    tag=$(IFS=_; echo "${shapes[*]}")
+    shapes_and_tag "32768x4" "${@:2}"
     python benchmarks/eviction_decode.py --policy tova --grid "${shapes[@]}" --kinds bf16 int4 --flat-lengths \
       --capacity-length 0 --json "$out/fixed_$tag.json" 2>&1 | tee "$out/fixed_$tag.log" ;;
   uncompiled)
-    shapes=("${@:2}")
-    [ ${#shapes[@]} -gt 0 ] || shapes=(8192x8)
-    tag=$(IFS=_; echo "${shapes[*]}")
+    shapes_and_tag "8192x8" "${@:2}"
     python benchmarks/eviction_decode.py --grid "${shapes[@]}" --kinds --no-static --uncompiled h2o snapkv \
       --flat-lengths --capacity-length 0 --json "$out/uncompiled_$tag.json" 2>&1 | tee "$out/uncompiled_$tag.log" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
