@@ -249,11 +249,11 @@ def main() -> None:
         return row
 
     rows, flat_rows, cap_rows = [], [], []
+    static = [] if args.no_static else ["StaticCache compiled"]
     for point in args.grid:
         length, batch = (int(x) for x in point.split("x"))
         ids = torch.randint(10, vocab, (batch, length), device=args.device)
         rows.append(run(ids, "DynamicCache"))
-        static = [] if args.no_static else ["StaticCache compiled"]
         for label in static + args.also + labels["grid"] + labels.get("kernel", []):
             rows.append(run(ids, label))
         rows.append(run(ids, "DynamicCache", "DynamicCache" + AGAIN))
